@@ -1,0 +1,253 @@
+"""Command line: `main.py <dataset>_<method> [flags]`.
+
+A subcommand is not a config file: it is a row of DATASET_PRESETS joined with a row of METHOD_PRESETS (plus the few
+(dataset, method) cells in PAIR_PRESETS). Resolution order: flag defaults < dataset < method < pair < command line.
+Flag names follow the reference so its published command lines run unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Any, Sequence
+
+from utils import UserError, resolve_amp
+
+DATASET_PRESETS: dict[str, dict[str, Any]] = {
+    "cifar100": dict(dataset="Split-CIFAR100", num_classes=100, num_tasks=10),
+    "digits": dict(dataset="Split-Digits", num_classes=10, num_tasks=5, model="vit_tiny_patch16_224",
+                   pretrained=False, input_size=32, batch_size=16, epochs=2, num_workers=0, pin_mem=False,
+                   print_freq=20),
+}
+
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "finetune": dict(lr=0.001),
+    "fix": dict(lr=0.001),
+    "linear": dict(),
+    "ncm": dict(epochs=0),
+    "joint": dict(lr=0.001, num_tasks=1),
+}
+
+# (dataset, method) cells that differ from the row and column above
+PAIR_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("digits", "finetune"): dict(lr=0.01),
+    ("digits", "fix"): dict(lr=0.01),
+    ("digits", "joint"): dict(lr=0.01, epochs=4),
+    ("digits", "linear"): dict(lr=0.3),
+}
+
+SUBCOMMANDS: list[str] = [f"{d}_{m}" for d in DATASET_PRESETS for m in METHOD_PRESETS]
+
+# Flags the reference declares but never reads (spec Q35), and reference flags whose effect belongs to methods
+# this suite has not got yet: accepted so published command lines parse, with a warning when given.
+NO_EFFECT_FLAGS = {
+    "init_lr", "milestones", "ca_epochs", "initializer", "predefined_key", "mask_first_epoch", "separated_head",
+    "global_pool", "lora_pool", "color_jitter", "aa", "smoothing", "train_interpolation", "reprob", "remode",
+    "recount", "original_model", "freeze", "head_type", "world_size",
+}
+
+# Keys that define the experiment: a resume with any of them changed is refused.
+EXPERIMENT_KEYS = ("dataset", "method", "model", "num_tasks", "class_order", "input_size", "pretrained")
+
+_TRUE = {"true", "t", "yes", "y", "1", "on"}
+_FALSE = {"false", "f", "no", "n", "0", "off"}
+
+
+def str2bool(value: str | bool) -> bool:
+    """`--flag`, `--flag True` and `--flag False` all mean what they say (the reference's type=bool does not)."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {value!r}")
+
+
+def _bool(parser: argparse._ActionsContainer, *names: str, default: bool, help: str) -> None:
+    parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=24, help="per-process batch")
+    g.add_argument("--epochs", type=int, default=5, help="epochs per task")
+    g.add_argument("--lr", type=float, default=0.03, help="base LR, scaled by batch/256 (see --unscale_lr)")
+    _bool(g, "--unscale_lr", default=True, help="scale the LR by the per-process batch (True) or the global batch")
+    g.add_argument("--opt", default="adam", help="timm optimizer name")
+    g.add_argument("--opt-eps", "--opt_eps", dest="opt_eps", type=float, default=1e-8)
+    g.add_argument("--opt-betas", "--opt_betas", dest="opt_betas", type=float, nargs="+", default=[0.9, 0.999])
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=0.0,
+                   help="one flag under both spellings (the reference's second one never took effect)")
+    g.add_argument("--clip-grad", "--clip_grad", dest="clip_grad", type=float, default=1.0,
+                   help="gradient-norm clipping; 0 or less disables it")
+    _bool(g, "--reinit_optimizer", default=True, help="a fresh optimizer and scheduler for every task")
+    g.add_argument("--sched", default="constant", help="constant, or a timm scheduler name (step, cosine, ...)")
+    g.add_argument("--warmup-epochs", "--warmup_epochs", dest="warmup_epochs", type=int, default=5)
+    g.add_argument("--warmup-lr", "--warmup_lr", dest="warmup_lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", "--min_lr", dest="min_lr", type=float, default=1e-5)
+    g.add_argument("--decay-epochs", "--decay_epochs", dest="decay_epochs", type=float, default=30)
+    g.add_argument("--decay-rate", "--dr", dest="decay_rate", type=float, default=0.1)
+    g.add_argument("--cooldown-epochs", "--cooldown_epochs", dest="cooldown_epochs", type=int, default=10)
+    g.add_argument("--patience-epochs", "--patience_epochs", dest="patience_epochs", type=int, default=10)
+    g.add_argument("--lr-noise", dest="lr_noise", type=float, nargs="+", default=None)
+    g.add_argument("--lr-noise-pct", dest="lr_noise_pct", type=float, default=0.67)
+    g.add_argument("--lr-noise-std", dest="lr_noise_std", type=float, default=1.0)
+    _bool(g, "--train_mask", default=True, help="mask the logits of classes outside the current task")
+    g.add_argument("--amp", choices=["auto", "none", "bf16", "fp16"], default="auto",
+                   help="mixed precision; auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
+                        "fp16 needs CUDA; none for fp32 parity with the reference")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16_224", help="any timm ViT name")
+    g.add_argument("--original_model", default="vit_base_patch16_224", help="query / task-identity model")
+    _bool(g, "--pretrained", default=True, help="load timm's pretrained weights (needs the network or the cache)")
+    g.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=224)
+    g.add_argument("--drop", type=float, default=0.0)
+    g.add_argument("--drop-path", "--drop_path", dest="drop_path", type=float, default=0.0)
+    g.add_argument("--freeze", nargs="*", default=["blocks", "patch_embed", "cls_token", "norm", "pos_embed"])
+    g.add_argument("--head_type", default="token")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--data-path", "--data_path", dest="data_path", default="./data")
+    g.add_argument("--dataset", help="benchmark name (set by the subcommand)")
+    g.add_argument("--num_tasks", type=int)
+    _bool(g, "--shuffle", default=False, help="shuffle the class order with --seed")
+    g.add_argument("--num_workers", type=int, default=4)
+    g.add_argument("--pin-mem", "--pin_mem", dest="pin_mem", action="store_true", default=True)
+    g.add_argument("--no-pin-mem", "--no_pin_mem", dest="pin_mem", action="store_false")
+    _bool(g, "--task_inc", default=False, help="task-incremental evaluation: mask to the evaluated task's classes")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--output_dir", "--output-dir", dest="output_dir", default="./output")
+    g.add_argument("--device", default="auto", help="auto (CUDA when available), cuda or cpu")
+    g.add_argument("--seed", type=int, default=42)
+    _bool(g, "--eval", default=False, help="re-evaluate the task checkpoints in --output_dir, train nothing")
+    _bool(g, "--resume", default=False, help="continue a stopped run in --output_dir from its last finished task")
+    g.add_argument("--stop_after_task", type=int, default=None,
+                   help="stop after this many tasks (split a run over job time limits; --resume continues)")
+    g.add_argument("--print_freq", type=int, default=10, help="log every N training steps (non-terminal output)")
+    _bool(g, "--tensorboard", default=True, help="write TensorBoard events to output_dir/tensorboard")
+    _bool(g, "--print_config", default=False, help="print the resolved config as JSON and exit")
+    g.add_argument("--world_size", type=int, default=1, help="set by the launcher; accepted for compatibility")
+    g.add_argument("--dist_url", default="env://")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help="set by torch.distributed.launch without --use_env")
+
+    g = parser.add_argument_group("accepted for compatibility with the reference, no effect")
+    for name in ("--init_lr", "--milestones", "--ca_epochs", "--initializer", "--predefined_key",
+                 "--mask_first_epoch", "--separated_head", "--global_pool", "--lora_pool", "--color-jitter", "--aa",
+                 "--smoothing", "--train-interpolation", "--reprob", "--remode", "--recount"):
+        g.add_argument(name, dest=name.lstrip("-").replace("-", "_"), nargs="*", default=None,
+                       help=argparse.SUPPRESS)
+
+
+def _split_subcommand(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The first token that is not an option is the subcommand; `--local-rank=N`, which the legacy launcher puts
+    before the script's arguments, may come first."""
+    rest = list(argv)
+    for i, token in enumerate(rest):
+        if token.startswith("-"):
+            if re.fullmatch(r"--local[-_]rank(=\d+)?", token):
+                continue
+            return None, rest
+        return token, rest[:i] + rest[i + 1:]
+    return None, rest
+
+
+def _top_level_help() -> str:
+    datasets = ", ".join(f"{k} ({v['dataset']})" for k, v in DATASET_PRESETS.items())
+    return (
+        "usage: main.py <dataset>_<method> [flags]      (main.py <subcommand> --help lists the flags)\n\n"
+        f"datasets: {datasets}\nmethods:  {', '.join(METHOD_PRESETS)}\n\nsubcommands:\n  "
+        + "\n  ".join(SUBCOMMANDS)
+    )
+
+
+def subcommand_defaults(subcommand: str) -> dict[str, Any]:
+    dataset_key, method = subcommand.split("_", 1)
+    values: dict[str, Any] = {}
+    for layer in (DATASET_PRESETS[dataset_key], METHOD_PRESETS[method], PAIR_PRESETS.get((dataset_key, method), {})):
+        values.update(layer)
+    values.update(subcommand=subcommand, dataset_key=dataset_key, method=method)
+    return values
+
+
+def build_parser(subcommand: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"main.py {subcommand}", allow_abbrev=False,
+                                     description=f"continual learning: {subcommand}")
+    _add_flags(parser)
+    parser.set_defaults(**subcommand_defaults(subcommand))
+    return parser
+
+
+def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The flags the user actually typed (a parse with every default suppressed)."""
+    shadow = argparse.ArgumentParser(add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if isinstance(action, argparse._StoreConstAction):
+                kwargs.update(action="store_const", const=action.const)
+            else:
+                kwargs.update(nargs=action.nargs, const=action.const)
+            shadow.add_argument(*action.option_strings, **kwargs)
+    return set(vars(shadow.parse_known_args(argv)[0]))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Resolve the config; exits with a one-line error on bad input (argparse's own convention, exit code 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    subcommand, rest = _split_subcommand(argv)
+    if subcommand is None:
+        if any(a in ("-h", "--help") for a in argv):
+            print(_top_level_help())
+            raise SystemExit(0)
+        raise UserError(f"no subcommand given; choose one of: {', '.join(SUBCOMMANDS)}")
+    if subcommand not in SUBCOMMANDS:
+        raise UserError(f"unknown subcommand {subcommand!r}; choose one of: {', '.join(SUBCOMMANDS)}")
+    parser = build_parser(subcommand)
+    cfg = parser.parse_args(rest)
+    cfg.explicit_flags = sorted(_explicit_dests(parser, rest))
+    return finalize(cfg)
+
+
+def finalize(cfg: argparse.Namespace) -> argparse.Namespace:
+    """Checks that need several flags at once, and the derived values the run prints."""
+    import torch  # late imports: the top-level --help must not pay for torch/timm
+
+    from models import METHODS
+
+    explicit = set(cfg.explicit_flags)
+    forced_tasks = METHODS[cfg.method].num_tasks_override
+    if forced_tasks is not None and cfg.num_tasks != forced_tasks:
+        raise UserError(f"{cfg.method} trains one task holding every class; drop --num_tasks {cfg.num_tasks}")
+    if cfg.eval and cfg.resume:
+        raise UserError("--eval and --resume contradict each other: --eval re-evaluates a finished run, "
+                        "--resume continues training; pass one of them")
+    cfg.amp = resolve_amp(cfg.amp, cfg.device)
+    if cfg.amp == "fp16" and not (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())):
+        raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16 or --amp none")
+    for name, minimum in (("batch_size", 1), ("epochs", 0), ("input_size", 16), ("num_workers", 0)):
+        if getattr(cfg, name) < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(cfg, name)}")
+    if not METHODS[cfg.method].trains and cfg.epochs:
+        cfg.epochs = 0  # nothing to train; keep the config honest about it
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    cfg.world_size = world
+    cfg.global_batch_size = cfg.batch_size * world
+    cfg.effective_lr = cfg.lr * (cfg.batch_size if cfg.unscale_lr else cfg.global_batch_size) / 256.0
+    cfg.no_effect_flags = sorted(explicit & NO_EFFECT_FLAGS)
+    return cfg
+
+
+def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in sorted(vars(cfg).items()) if k not in ("local_rank", "print_config")}
+
+
+def config_json(cfg: argparse.Namespace) -> str:
+    return json.dumps(config_to_dict(cfg), indent=2)

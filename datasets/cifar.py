@@ -1,0 +1,61 @@
+"""CIFAR-100 in torchvision's on-disk layout: `<data-path>/cifar-100-python/{train,test,meta}` (python pickles)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from utils import UserError, run_on_main_first
+
+from .base import ArrayImages, Benchmark, TransformedDataset
+from .transforms import cifar_transforms
+
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+CIFAR100_FOLDER = "cifar-100-python"
+
+
+def _read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="latin1")
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(entry["fine_labels"], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+        raise UserError(
+            f"{path} is not a readable CIFAR-100 pickle ({type(err).__name__}: {err}); delete "
+            f"{path.parent} and let the run download it again, or extract {CIFAR100_URL} there") from err
+    if len(images) != len(labels):
+        raise UserError(f"{path} holds {len(images)} images but {len(labels)} labels; the file is corrupt, replace it")
+    return images, labels
+
+
+def _ensure_present(root: Path, download: bool) -> None:
+    folder = root / CIFAR100_FOLDER
+    if (folder / "train").is_file() and (folder / "test").is_file():
+        return
+    if not download:
+        raise UserError(f"CIFAR-100 not found: expected {folder}/train and {folder}/test; "
+                        f"extract {CIFAR100_URL} into {root}")
+    from torchvision.datasets.utils import download_and_extract_archive
+    try:
+        download_and_extract_archive(CIFAR100_URL, str(root), md5=CIFAR100_MD5)
+    except Exception as err:  # network errors come in many types (URLError, socket errors, HTTP errors)
+        raise UserError(f"CIFAR-100 not found in {folder} and the download from {CIFAR100_URL} failed "
+                        f"({type(err).__name__}); extract that archive into {root}") from err
+
+
+def load_cifar100(data_path: str, input_size: int, download: bool = True) -> Benchmark:
+    root = Path(data_path)
+    run_on_main_first(lambda: _ensure_present(root, download))
+    train_images, train_labels = _read_split(root / CIFAR100_FOLDER / "train")
+    test_images, test_labels = _read_split(root / CIFAR100_FOLDER / "test")
+    train_tf, test_tf = cifar_transforms(input_size)
+
+    return Benchmark(
+        name="Split-CIFAR100", num_classes=100,
+        train=TransformedDataset(ArrayImages(train_images), train_labels, train_tf),
+        train_eval=TransformedDataset(ArrayImages(train_images), train_labels, test_tf),
+        test=TransformedDataset(ArrayImages(test_images), test_labels, test_tf),
+        train_targets=train_labels, test_targets=test_labels,
+    )

@@ -1,0 +1,134 @@
+"""The continual scenario: class order, the classes of each task, class masks and the per-task loaders.
+
+Labels keep their dataset ids; a task is a set of label ids, so a shuffled class order needs no relabelling.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from utils import UserError, get_rank, get_world_size
+
+from .base import Benchmark
+
+
+def make_class_order(num_classes: int, shuffle: bool, seed: int) -> list[int]:
+    """Natural order, or the reference's shuffle (`random.seed(seed); random.shuffle(order)`)."""
+    order = list(range(num_classes))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    return order
+
+
+def split_into_tasks(class_order: list[int], num_tasks: int, dataset: str = "the dataset") -> list[list[int]]:
+    num_classes = len(class_order)
+    if num_tasks < 1 or num_classes % num_tasks:
+        divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
+        raise UserError(
+            f"--num_tasks {num_tasks} does not split the {num_classes} classes of {dataset} into equal tasks "
+            f"({num_classes} = {num_tasks} x {num_classes // max(num_tasks, 1)} + {num_classes % max(num_tasks, 1)}); "
+            f"use one of {divisors}")
+    per_task = num_classes // num_tasks
+    return [class_order[t * per_task:(t + 1) * per_task] for t in range(num_tasks)]
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r takes items r, r + W, r + 2W, ...: every item exactly once over all ranks, no padding duplicates."""
+
+    def __init__(self, num_items: int, rank: int, world_size: int):
+        self.indices = list(range(rank, num_items, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class LoaderSettings:
+    batch_size: int
+    num_workers: int = 0
+    pin_memory: bool = False
+    seed: int = 0
+    eval_batch_size: int | None = None
+
+
+@dataclass
+class Scenario:
+    class_order: list[int]
+    task_classes: list[list[int]]
+    num_classes: int
+    benchmark: Benchmark | None = None
+    loader: LoaderSettings = field(default_factory=lambda: LoaderSettings(batch_size=1))
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def class_to_task(self) -> torch.Tensor:
+        mapping = torch.full((self.num_classes,), -1, dtype=torch.long)
+        for t, classes in enumerate(self.task_classes):
+            mapping[classes] = t
+        return mapping
+
+    def class_mask(self, t: int) -> torch.Tensor:
+        """Boolean mask over all classes: True for the classes of task t."""
+        mask = torch.zeros(self.num_classes, dtype=torch.bool)
+        mask[self.task_classes[t]] = True
+        return mask
+
+    def seen_mask(self, t: int) -> torch.Tensor:
+        """True for the classes of tasks 0..t."""
+        return torch.stack([self.class_mask(s) for s in range(t + 1)]).any(0)
+
+    def _indices(self, targets: np.ndarray, t: int) -> np.ndarray:
+        return np.flatnonzero(np.isin(targets, self.task_classes[t]))
+
+    def _require_data(self) -> Benchmark:
+        if self.benchmark is None:
+            raise RuntimeError("this scenario was built without data (benchmark or --print_config)")
+        return self.benchmark
+
+    def train_loader(self, t: int) -> DataLoader:
+        """Task t's training images, shuffled by a DistributedSampler seeded per task (call set_epoch per epoch)."""
+        data = self._require_data()
+        subset = Subset(data.train, self._indices(data.train_targets, t).tolist())
+        if len(subset) == 0:
+            raise UserError(f"task {t + 1} has no training images (classes {self.task_classes[t]})")
+        sampler = DistributedSampler(subset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
+                                     seed=self.loader.seed + t)
+        return self._loader(subset, sampler, self.loader.batch_size)
+
+    def test_loader(self, t: int) -> DataLoader:
+        data = self._require_data()
+        return self._sharded(data.test, self._indices(data.test_targets, t))
+
+    def stats_loader(self, t: int) -> DataLoader:
+        """Task t's training images under the test transform, sharded without duplicates (class statistics)."""
+        data = self._require_data()
+        return self._sharded(data.train_eval, self._indices(data.train_targets, t))
+
+    def _sharded(self, dataset: Dataset, indices: np.ndarray) -> DataLoader:
+        subset = Subset(dataset, indices.tolist())
+        sampler = ShardSampler(len(subset), get_rank(), get_world_size())
+        return self._loader(subset, sampler, self.loader.eval_batch_size or self.loader.batch_size)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.loader.num_workers,
+                          pin_memory=self.loader.pin_memory, drop_last=False,
+                          persistent_workers=False)
+
+
+def build_scenario(num_classes: int, num_tasks: int, shuffle: bool, seed: int, dataset: str,
+                   benchmark: Benchmark | None = None, loader: LoaderSettings | None = None) -> Scenario:
+    order = make_class_order(num_classes, shuffle, seed)
+    tasks = split_into_tasks(order, num_tasks, dataset)
+    return Scenario(class_order=order, task_classes=tasks, num_classes=num_classes, benchmark=benchmark,
+                    loader=loader or LoaderSettings(batch_size=1))

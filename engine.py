@@ -1,0 +1,346 @@
+"""The continual loop shared by every method: per task, train, let the method finish the task, evaluate every seen
+task, then log and checkpoint.
+
+`run` trains (or resumes); `evaluate_checkpoints` re-evaluates a finished run from its task checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.nn.parallel import DistributedDataParallel
+
+import metrics
+from config import EXPERIMENT_KEYS, config_to_dict
+from datasets.scenario import Scenario
+from models.base import ContinualMethod
+from utils import (DistContext, UserError, all_reduce_sum, atomic_torch_save, atomic_write_json, is_main_process,
+                   log, maybe_autocast, seed_everything)
+
+
+def checkpoint_path(output_dir: str | Path, task: int) -> Path:
+    """The reference's path, so stage-2 style reuse of a run's per-task files keeps working (task is 0-based)."""
+    return Path(output_dir) / "checkpoint" / f"task{task + 1}_checkpoint.pth"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimisation
+# ----------------------------------------------------------------------------------------------------------------
+def create_optimizer(param_groups: list[dict], cfg: Namespace) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = dict(opt=cfg.opt, lr=cfg.effective_lr, weight_decay=cfg.weight_decay,
+                                  momentum=cfg.momentum)
+    if "adam" in cfg.opt.lower() or "lamb" in cfg.opt.lower():
+        kwargs.update(eps=cfg.opt_eps, betas=tuple(cfg.opt_betas))
+    try:
+        return create_optimizer_v2(param_groups, **kwargs)
+    except (ValueError, AssertionError) as err:
+        raise UserError(f"--opt {cfg.opt}: {err}") from err
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Namespace):
+    """None for `constant` (the reference's default). The scheduler is stepped after each epoch with that epoch's
+    index, as in the reference (the LR of epoch e+1 is the schedule's value at e)."""
+    if cfg.sched == "constant":
+        return None
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
+            decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
+            cooldown_epochs=cfg.cooldown_epochs, patience_epochs=cfg.patience_epochs, noise=cfg.lr_noise,
+            noise_pct=cfg.lr_noise_pct, noise_std=cfg.lr_noise_std, noise_seed=cfg.seed)
+    except (ValueError, AssertionError) as err:
+        raise UserError(f"--sched {cfg.sched}: {err}") from err
+    if scheduler is None:
+        raise UserError(f"unknown --sched {cfg.sched!r}; use constant, step, cosine, tanh, multistep, poly or plateau")
+    return scheduler
+
+
+class Progress:
+    """A tqdm bar in a terminal; otherwise a log line every `print_freq` steps (rank 0 only)."""
+
+    def __init__(self, total: int, desc: str, print_freq: int):
+        self.total, self.desc, self.print_freq = total, desc, max(print_freq, 1)
+        self.bar = None
+        if is_main_process() and sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update(self, step: int, stats: dict[str, float]) -> None:
+        text = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif step % self.print_freq == 0 or step == self.total:
+            log(f"{self.desc} step {step}/{self.total} {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return logits if mask is None else logits.detach().float().masked_fill(~mask, float("-inf"))
+
+
+def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, optimizer, scaler, t: int,
+                    epoch: int, cfg: Namespace, ctx: DistContext) -> dict[str, float]:
+    method.train()
+    params = [p for p in method.parameters() if p.requires_grad]
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, images
+    mask = method.train_mask(t)
+    progress = Progress(len(loader), f"task {t + 1} epoch {epoch + 1}/{cfg.epochs}", cfg.print_freq)
+    start = time.perf_counter()
+    for step, (images, targets) in enumerate(loader, 1):
+        images = images.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        with maybe_autocast(ctx.device, cfg.amp):
+            loss, logits = model(images, targets, t)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.clip_grad and cfg.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        totals += torch.stack([loss.detach().double() * len(targets),
+                               (_masked(logits, mask).argmax(1) == targets).sum().double(),
+                               torch.tensor(float(len(targets)), dtype=torch.float64, device=ctx.device)])
+        if step % progress.print_freq == 0 or step == len(loader):
+            loss_sum, correct, seen = totals.tolist()
+            if not math.isfinite(loss_sum):
+                raise UserError(f"the training loss became {loss_sum} at task {t + 1}, epoch {epoch + 1}, step "
+                                f"{step}; lower --lr, or use --amp none")
+            progress.update(step, {"loss": loss_sum / seen, "acc": 100 * correct / seen,
+                                   "lr": optimizer.param_groups[0]["lr"],
+                                   "img/s": seen * ctx.world_size / (time.perf_counter() - start)})
+        else:
+            progress.update(step, {})
+    progress.close()
+    loss_sum, correct, seen = all_reduce_sum(totals).tolist()
+    seconds = time.perf_counter() - start
+    return {"loss": loss_sum / seen, "acc": 100 * correct / seen, "lr": optimizer.param_groups[0]["lr"],
+            "images": seen, "seconds": seconds, "images_per_second": seen / seconds}
+
+
+def train_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespace, ctx: DistContext,
+               optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer | None, dict[str, float]]:
+    param_groups = [g for g in method.begin_task(t) if g["params"]]
+    if not method.trains or cfg.epochs == 0 or not param_groups:
+        return optimizer, {}
+    if optimizer is None or cfg.reinit_optimizer:
+        optimizer = create_optimizer(param_groups, cfg)
+    scheduler = create_scheduler(optimizer, cfg)
+    model: torch.nn.Module = method
+    if ctx.distributed:  # re-wrapped per task: the trainable set may change between tasks (e.g. fix)
+        model = DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                        find_unused_parameters=method.find_unused_parameters)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
+    loader = scenario.train_loader(t)
+    stats: dict[str, float] = {}
+    images = seconds = 0.0
+    for epoch in range(cfg.epochs):
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(model, method, loader, optimizer, scaler, t, epoch, cfg, ctx)
+        images, seconds = images + stats["images"], seconds + stats["seconds"]
+        log(f"task {t + 1} epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} acc {stats['acc']:.2f} "
+            f"lr {stats['lr']:.3g} ({stats['images_per_second']:.1f} img/s)")
+        if scheduler is not None:
+            scheduler.step(epoch)
+    return optimizer, {"train_loss": stats["loss"], "train_acc": stats["acc"], "train_seconds": seconds,
+                       "train_images_per_second": images / seconds if seconds else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespace, ctx: DistContext) -> dict:
+    """Accuracy on the test set of every task 0..t. Each rank takes a disjoint shard and per-class correct/total
+    counts are summed over ranks, so every test image is counted exactly once whatever the world size."""
+    method.eval()
+    correct = torch.zeros(scenario.num_classes, dtype=torch.float64, device=ctx.device)
+    total = torch.zeros_like(correct)
+    seen = scenario.seen_mask(t).to(ctx.device)
+    start = time.perf_counter()
+    for i in range(t + 1):
+        allowed = scenario.class_mask(i).to(ctx.device) if cfg.task_inc else seen
+        for images, targets in scenario.test_loader(i):
+            images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+            with maybe_autocast(ctx.device, cfg.amp):
+                logits = method.predict(images)
+            hits = (_masked(logits, allowed).argmax(1) == targets).double()
+            correct.index_add_(0, targets, hits)
+            total.index_add_(0, targets, torch.ones_like(hits))
+    all_reduce_sum(correct)
+    all_reduce_sum(total)
+    task_acc = []
+    for i in range(t + 1):
+        classes = scenario.task_classes[i]
+        task_acc.append(100.0 * correct[classes].sum().item() / max(total[classes].sum().item(), 1.0))
+    n = total.sum().item()
+    seconds = time.perf_counter() - start
+    return {"task_acc": task_acc, "overall_acc": 100.0 * correct.sum().item() / max(n, 1.0), "test_images": int(n),
+            "eval_seconds": seconds, "eval_images_per_second": n / seconds if seconds else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results: stdout, TensorBoard, results.json
+# ----------------------------------------------------------------------------------------------------------------
+def _matrix_image(acc: np.ndarray, t: int, cell: int = 24) -> torch.Tensor:
+    """The accuracy matrix as a CHW heat map (red 0% -> green 100%, grey = not evaluated) for TensorBoard."""
+    n = acc.shape[0]
+    image = torch.full((3, n, n), 0.5)
+    for i in range(n):
+        for c in range(i, t + 1):
+            v = float(acc[i, c]) / 100.0
+            image[:, i, c] = torch.tensor([1.0 - v, v, 0.15])
+    return image.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+class RunRecord:
+    """The accuracy matrix and per-task metrics of one run, written atomically to a JSON file after each task."""
+
+    def __init__(self, cfg: Namespace, scenario: Scenario, output_dir: Path, filename: str = "results.json",
+                 tensorboard: bool = True):
+        self.cfg, self.scenario = cfg, scenario
+        self.path = output_dir / filename
+        num_tasks = scenario.num_tasks
+        self.acc = np.zeros((num_tasks, num_tasks))
+        self.tasks: list[dict[str, Any]] = []
+        self.writer = None
+        if is_main_process() and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def add(self, t: int, evaluation: dict, extra: dict[str, Any]) -> dict[str, Any]:
+        self.acc[: t + 1, t] = evaluation["task_acc"]
+        entry = {"task": t + 1, **metrics.summarize(self.acc, t), "overall_acc": evaluation["overall_acc"],
+                 "test_images": evaluation["test_images"], "eval_seconds": evaluation["eval_seconds"],
+                 "eval_images_per_second": evaluation["eval_images_per_second"], **extra}
+        del self.tasks[t:]
+        self.tasks.append(entry)
+        log(metrics.format_matrix(self.acc, t))
+        log(metrics.format_summary(entry, t, self.scenario.num_tasks) + f" | overall {entry['overall_acc']:.2f}")
+        if self.writer is not None:
+            for i in range(t + 1):
+                self.writer.add_scalar(f"accuracy_{i + 1}", self.acc[i, t], t + 1)
+            for key in ("avg_acc", "avg_incremental_acc", "forgetting", "forgetting_standard", "bwt", "overall_acc"):
+                if entry[key] is not None:
+                    self.writer.add_scalar(key, entry[key], t + 1)
+            self.writer.add_image("acc_matrix", _matrix_image(self.acc, t), t + 1)
+            self.writer.add_text("acc_matrix", "```\n" + metrics.format_matrix(self.acc, t) + "\n```", t + 1)
+            self.writer.flush()
+        self.save()
+        return entry
+
+    def as_dict(self) -> dict[str, Any]:
+        done = len(self.tasks)
+        matrix = [[float(self.acc[i, c]) if i <= c < done else None for c in range(self.scenario.num_tasks)]
+                  for i in range(self.scenario.num_tasks)]
+        return {"subcommand": self.cfg.subcommand, "method": self.cfg.method, "dataset": self.cfg.dataset,
+                "model": self.cfg.model, "num_tasks": self.scenario.num_tasks, "completed_tasks": done,
+                "class_order": self.scenario.class_order, "task_classes": self.scenario.task_classes,
+                "acc_matrix": matrix, "tasks": self.tasks, "final": self.tasks[-1] if self.tasks else None,
+                "config": config_to_dict(self.cfg)}
+
+    def restore(self, saved: dict[str, Any], completed: int) -> None:
+        for i, row in enumerate(saved["acc_matrix"]):
+            for c, value in enumerate(row):
+                if value is not None and c < completed:
+                    self.acc[i, c] = value
+        self.tasks = saved["tasks"][:completed]
+
+    def save(self) -> None:
+        if is_main_process():
+            atomic_write_json(self.as_dict(), self.path)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, unpickling errors, permission problems
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:120]}); "
+                        f"delete it to retrain that task") from err
+
+
+def check_same_experiment(saved: dict[str, Any], cfg: Namespace, path: Path) -> None:
+    current = config_to_dict(cfg)
+    differing = [k for k in EXPERIMENT_KEYS if saved.get(k) != current.get(k)]
+    if differing:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+        raise UserError(f"{path} belongs to another experiment ({detail}); use its settings or a new --output_dir")
+
+
+def completed_tasks(output_dir: str | Path, num_tasks: int) -> int:
+    """Number of consecutive task checkpoints present from task 1 on."""
+    done = 0
+    while done < num_tasks and checkpoint_path(output_dir, done).is_file():
+        done += 1
+    return done
+
+
+def run(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistContext) -> dict[str, Any]:
+    output_dir = Path(cfg.output_dir)
+    record = RunRecord(cfg, scenario, output_dir, tensorboard=cfg.tensorboard)
+    optimizer = None
+    start = completed_tasks(output_dir, scenario.num_tasks) if cfg.resume else 0
+    if start:
+        path = checkpoint_path(output_dir, start - 1)
+        saved = load_checkpoint(path)
+        check_same_experiment(saved["config"], cfg, path)
+        method.load_checkpoint_state(saved["model"], str(path))
+        record.restore(saved["results"], start)
+        log(f"resuming from {path}: tasks 1..{start} done")
+        if not cfg.reinit_optimizer and saved.get("optimizer") is not None:
+            optimizer = create_optimizer([g for g in method.begin_task(start) if g["params"]], cfg)
+            optimizer.load_state_dict(saved["optimizer"])
+    if is_main_process():  # after the resume check, so a refused resume leaves the old run untouched
+        atomic_write_json(config_to_dict(cfg), output_dir / "config.json")
+    stop = scenario.num_tasks if cfg.stop_after_task is None else min(cfg.stop_after_task, scenario.num_tasks)
+    try:
+        for t in range(start, stop):
+            log(f"=== task {t + 1}/{scenario.num_tasks}: classes {scenario.task_classes[t]}")
+            seed_everything(cfg.seed + t)  # each task is reproducible on its own, so a resumed run matches
+            optimizer, train_stats = train_task(method, scenario, t, cfg, ctx, optimizer)
+            method.end_task(t, scenario.stats_loader(t))
+            record.add(t, evaluate(method, scenario, t, cfg, ctx), train_stats)
+            if is_main_process():
+                atomic_torch_save({"model": method.checkpoint_state(),
+                                   "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                                   "task": t, "results": record.as_dict(), "config": config_to_dict(cfg)},
+                                  checkpoint_path(output_dir, t))
+    finally:
+        record.close()
+    if stop < scenario.num_tasks:
+        log(f"stopped after task {stop} as asked; continue with --resume")
+    return record.as_dict()
+
+
+def evaluate_checkpoints(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistContext) -> dict:
+    """--eval: reload each task's checkpoint and evaluate the tasks seen by then; writes eval_results.json."""
+    output_dir = Path(cfg.output_dir)
+    # re-evaluation must not add a second set of curves to the training run's TensorBoard events
+    record = RunRecord(cfg, scenario, output_dir, filename="eval_results.json", tensorboard=False)
+    for t in range(scenario.num_tasks):
+        path = checkpoint_path(output_dir, t)
+        saved = load_checkpoint(path)
+        check_same_experiment(saved["config"], cfg, path)
+        method.load_checkpoint_state(saved["model"], str(path))
+        log(f"=== evaluating {path}")
+        record.add(t, evaluate(method, scenario, t, cfg, ctx), {})
+    return record.as_dict()

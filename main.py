@@ -1,0 +1,102 @@
+"""Entry point: `python main.py <dataset>_<method> [flags]`, alone or under torchrun / torch.distributed.launch.
+
+    torchrun --nproc_per_node=8 main.py cifar100_linear --data-path ./data --output_dir ./output/c100_linear
+"""
+from __future__ import annotations
+
+import os
+import sys
+from argparse import Namespace
+from pathlib import Path
+from typing import Sequence
+
+from utils import AbortedOnOtherRank, UserError, is_main_process
+
+
+def check_output_dir(cfg: Namespace, num_tasks: int) -> None:
+    """Refuse, before anything is written, to overwrite a run, to write where we cannot, or to evaluate nothing."""
+    from engine import checkpoint_path  # noqa: PLC0415 (keeps --help fast)
+
+    out = Path(cfg.output_dir)
+    if cfg.eval:
+        missing = [str(checkpoint_path(out, t)) for t in range(num_tasks) if not checkpoint_path(out, t).is_file()]
+        if missing:
+            raise UserError(f"--eval needs the checkpoint of every task, but {len(missing)} are missing "
+                            f"(first: {missing[0]}); point --output_dir at a finished run")
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not cfg.resume:
+        raise UserError(f"--output_dir {out} is not empty; pass --resume to continue the run in it, "
+                        f"or choose another --output_dir")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {out} is not writable ({existing} does not allow it); choose another folder")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from config import config_json, parse_args
+
+    try:
+        cfg = parse_args(argv)
+        if cfg.print_config:
+            print(config_json(cfg))
+            return 0
+        return _run(cfg)
+    except UserError as err:
+        if not isinstance(err, AbortedOnOtherRank) and is_main_process():
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from utils import cleanup_distributed
+        cleanup_distributed()
+
+
+def _run(cfg: Namespace) -> int:
+    import engine
+    from config import config_to_dict
+    from datasets import build_scenario, load_benchmark
+    from datasets.scenario import LoaderSettings
+    from models import create_method
+    from utils import barrier, init_distributed, log, seed_everything, warn
+
+    ctx = init_distributed(cfg.device, cfg.dist_url, cfg.local_rank)
+    cfg.world_size = ctx.world_size
+    for flag in cfg.no_effect_flags:
+        warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
+    # the class split is checked before any data is read, so a bad --num_tasks fails in a second
+    build_scenario(cfg.num_classes, cfg.num_tasks, cfg.shuffle, cfg.seed, cfg.dataset)
+    check_output_dir(cfg, cfg.num_tasks)
+    barrier()  # every rank has looked at output_dir before rank 0 writes into it
+
+    seed_everything(cfg.seed)
+    benchmark = load_benchmark(cfg.dataset, cfg.data_path, cfg.input_size)
+    loader = LoaderSettings(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            pin_memory=cfg.pin_mem and ctx.device.type == "cuda", seed=cfg.seed)
+    scenario = build_scenario(benchmark.num_classes, cfg.num_tasks, cfg.shuffle, cfg.seed, cfg.dataset,
+                              benchmark=benchmark, loader=loader)
+    cfg.class_order = scenario.class_order
+    seed_everything(cfg.seed)
+    method = create_method(cfg, scenario).to(ctx.device)
+
+    log(f"config: {config_to_dict(cfg)}")
+    log(f"{cfg.subcommand}: {scenario.num_tasks} tasks x {len(scenario.task_classes[0])} classes | device "
+        f"{ctx.device} | {ctx.world_size} process(es) x batch {cfg.batch_size} = global batch "
+        f"{cfg.global_batch_size} | effective LR {cfg.effective_lr:.6g} = {cfg.lr:g} x "
+        f"{cfg.batch_size if cfg.unscale_lr else cfg.global_batch_size}/256 | amp {cfg.amp}")
+    if cfg.eval:
+        results = engine.evaluate_checkpoints(method, scenario, cfg, ctx)
+    else:
+        results = engine.run(method, scenario, cfg, ctx)
+    final = results["final"]
+    if final is not None and results["completed_tasks"] == scenario.num_tasks:
+        log(f"final: average accuracy {final['avg_acc']:.2f} | average incremental accuracy "
+            f"{final['avg_incremental_acc']:.2f} | forgetting {final['forgetting'] or 0:.2f} "
+            f"(standard {final['forgetting_standard'] or 0:.2f}) | results in {cfg.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

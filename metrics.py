@@ -1,0 +1,72 @@
+"""Continual-learning metrics over the accuracy matrix.
+
+`acc[i, t]` is the accuracy (%) on task i's test set after training task t; entries with i > t are not defined.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def average_accuracy(acc: np.ndarray, t: int) -> float:
+    """A_t: unweighted mean over the seen tasks i <= t of acc[i, t]."""
+    return float(np.mean(acc[: t + 1, t]))
+
+
+def average_incremental_accuracy(acc: np.ndarray, t: int) -> float:
+    """Mean of A_0 .. A_t (the papers' CAA)."""
+    return float(np.mean([average_accuracy(acc, s) for s in range(t + 1)]))
+
+
+def forgetting_reference(acc: np.ndarray, t: int) -> float | None:
+    """The reference's forgetting: the best accuracy over columns 0..t (the current one included) minus the current
+    one, averaged over i < t. Including the current column makes every term >= 0."""
+    if t == 0:
+        return None
+    return float(np.mean([acc[i, : t + 1].max() - acc[i, t] for i in range(t)]))
+
+
+def forgetting_standard(acc: np.ndarray, t: int) -> float | None:
+    """Chaudhry et al.'s forgetting: the best accuracy over the earlier columns i..t-1 minus the current one, averaged
+    over i < t. A task that improved gives a negative term."""
+    if t == 0:
+        return None
+    return float(np.mean([acc[i, i:t].max() - acc[i, t] for i in range(t)]))
+
+
+def backward_transfer(acc: np.ndarray, t: int) -> float | None:
+    """BWT_t: mean over i < t of acc[i, t] - acc[i, i]."""
+    if t == 0:
+        return None
+    return float(np.mean([acc[i, t] - acc[i, i] for i in range(t)]))
+
+
+def summarize(acc: np.ndarray, t: int) -> dict[str, float | None]:
+    return {
+        "avg_acc": average_accuracy(acc, t),
+        "avg_incremental_acc": average_incremental_accuracy(acc, t),
+        "forgetting": forgetting_reference(acc, t),
+        "forgetting_standard": forgetting_standard(acc, t),
+        "bwt": backward_transfer(acc, t),
+    }
+
+
+def format_matrix(acc: np.ndarray, t: int) -> str:
+    """The seen part of the matrix as text: one row per test task, one column per training task."""
+    header = "test\\after " + " ".join(f"{f'T{c + 1}':>7}" for c in range(t + 1))
+    rows = [header]
+    for i in range(t + 1):
+        cells = " ".join(f"{acc[i, c]:7.2f}" if c >= i else f"{'':>7}" for c in range(t + 1))
+        rows.append(f"{f'T{i + 1}':>11} {cells}")
+    return "\n".join(rows)
+
+
+def format_summary(summary: dict[str, float | None], task: int, num_tasks: int) -> str:
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    return (
+        f"after task {task + 1}/{num_tasks}: A_t {fmt(summary['avg_acc'])} | "
+        f"avg incremental {fmt(summary['avg_incremental_acc'])} | "
+        f"forgetting {fmt(summary['forgetting'])} (standard {fmt(summary['forgetting_standard'])}) | "
+        f"BWT {fmt(summary['bwt'])}"
+    )

@@ -1,0 +1,28 @@
+"""Method registry: `--method` name -> class. Adding a method is one file plus one entry here."""
+from __future__ import annotations
+
+from argparse import Namespace
+
+from datasets.scenario import Scenario
+
+from .base import ContinualMethod
+from .finetune import Finetune
+from .fix import Fix
+from .joint import Joint
+from .linear import Linear
+from .ncm import NCM
+
+METHODS: dict[str, type[ContinualMethod]] = {
+    "finetune": Finetune,
+    "fix": Fix,
+    "linear": Linear,
+    "ncm": NCM,
+    "joint": Joint,
+}
+
+
+def create_method(cfg: Namespace, scenario: Scenario) -> ContinualMethod:
+    return METHODS[cfg.method](cfg, scenario)
+
+
+__all__ = ["METHODS", "ContinualMethod", "create_method"]

@@ -1,0 +1,113 @@
+"""The small interface every continual method implements; `engine.py` drives it.
+
+A method is an `nn.Module` whose `forward` is one training step, so that DistributedDataParallel can wrap it
+whatever the method trains.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from datasets.scenario import Scenario
+from utils import UserError
+
+from .vit import create_backbone, freeze
+
+
+def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy where the classes outside `mask` are set to -inf (the reference's `train_mask`)."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask.to(logits.device), float("-inf"))
+    return F.cross_entropy(logits.float(), targets)
+
+
+class ContinualMethod(nn.Module):
+    """Subclasses set `checkpoint_prefixes` (the state they train, the only state saved) and implement the hooks."""
+
+    trains: bool = True                  # False: no gradient steps at all (e.g. nearest class mean)
+    find_unused_parameters: bool = False  # for DDP, when a step leaves some trainable parameters unused
+    num_tasks_override: int | None = None
+    checkpoint_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Namespace, scenario: Scenario):
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = scenario.num_classes
+        self.register_buffer("_task_masks", torch.stack([scenario.class_mask(t) for t in range(scenario.num_tasks)]),
+                             persistent=False)
+
+    def train_mask(self, t: int) -> torch.Tensor | None:
+        return self._task_masks[t] if self.cfg.train_mask else None
+
+    # --- hooks called by engine.py -----------------------------------------------------------------------------
+    def begin_task(self, t: int) -> list[dict]:
+        """Set up task t; return the optimizer's parameter groups (empty: nothing to train)."""
+        return []
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step's forward: (loss, logits)."""
+        raise NotImplementedError
+
+    def end_task(self, t: int, stats_loader: DataLoader) -> None:
+        """After training task t (class statistics, alignment, ...)."""
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits over all classes; the engine masks the classes not seen yet."""
+        raise NotImplementedError
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(self.checkpoint_prefixes)}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str) -> None:
+        expected = set(self.checkpoint_state())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise UserError(f"{source} does not match method {self.cfg.method!r}: missing keys {missing[:5]}, "
+                            f"unexpected keys {unexpected[:5]}; was it written by another method or model?")
+        own = self.state_dict()
+        shapes = [k for k in state if own[k].shape != state[k].shape]
+        if shapes:
+            k = shapes[0]
+            raise UserError(f"{source}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(own[k].shape)}")
+        self.load_state_dict(state, strict=False)
+
+
+class BackboneHeadMethod(ContinualMethod):
+    """A timm ViT and a linear head over all classes; subclasses only say when the backbone trains."""
+
+    checkpoint_prefixes = ("head.",)
+
+    def __init__(self, cfg: Namespace, scenario: Scenario):
+        super().__init__(cfg, scenario)
+        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path)
+        self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def backbone_trains(self, t: int) -> bool:
+        raise NotImplementedError
+
+    def begin_task(self, t: int) -> list[dict]:
+        trains = self.backbone_trains(t)
+        freeze(self.backbone, not trains)
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if any(p.requires_grad for p in self.backbone.parameters()):
+            return self.backbone(images)
+        with torch.no_grad():  # a frozen backbone needs no autograd graph
+            return self.backbone(images)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(self.features(images))
+        return masked_cross_entropy(logits, targets, self.train_mask(t)), logits
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
