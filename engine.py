@@ -215,10 +215,8 @@ class RunRecord:
         num_tasks = scenario.num_tasks
         self.acc = np.zeros((num_tasks, num_tasks))
         self.tasks: list[dict[str, Any]] = []
-        self.writer = None
-        if is_main_process() and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(output_dir / "tensorboard"))
+        self.tensorboard_dir = output_dir / "tensorboard" if tensorboard and is_main_process() else None
+        self.writer = None  # opened on the first result, so a run refused before that writes no event file
 
     def add(self, t: int, evaluation: dict, extra: dict[str, Any]) -> dict[str, Any]:
         self.acc[: t + 1, t] = evaluation["task_acc"]
@@ -229,7 +227,10 @@ class RunRecord:
         self.tasks.append(entry)
         log(metrics.format_matrix(self.acc, t))
         log(metrics.format_summary(entry, t, self.scenario.num_tasks) + f" | overall {entry['overall_acc']:.2f}")
-        if self.writer is not None:
+        if self.tensorboard_dir is not None:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.tensorboard_dir))
             for i in range(t + 1):
                 self.writer.add_scalar(f"accuracy_{i + 1}", self.acc[i, t], t + 1)
             for key in ("avg_acc", "avg_incremental_acc", "forgetting", "forgetting_standard", "bwt", "overall_acc"):
@@ -306,6 +307,7 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistCo
         method.load_checkpoint_state(saved["model"], str(path))
         record.restore(saved["results"], start)
         log(f"resuming from {path}: tasks 1..{start} done")
+        log(metrics.format_matrix(record.acc, start - 1))
         if not cfg.reinit_optimizer and saved.get("optimizer") is not None:
             optimizer = create_optimizer([g for g in method.begin_task(start) if g["params"]], cfg)
             optimizer.load_state_dict(saved["optimizer"])

@@ -32,7 +32,7 @@ def check_output_dir(cfg: Namespace, num_tasks: int) -> None:
     existing = out
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--output_dir {out} is not writable ({existing} does not allow it); choose another folder")
 
 

@@ -1,0 +1,69 @@
+"""Shared helpers: run main.py in-process or under torchrun, and a tiny CIFAR-100 tree in the real pickle format."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# tiny, fast, offline model settings for any subcommand
+TINY = ["--model", "vit_tiny_patch16_224", "--pretrained", "False", "--input-size", "32", "--num_workers", "0",
+        "--device", "cpu"]
+
+
+def run_main(*args: str) -> int:
+    import main
+    return main.main(list(args))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(args: list[str], nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python main.py ...`, or under `torchrun --nproc_per_node=nproc` when nproc > 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "main.py", *args]
+    else:
+        cmd = [sys.executable, "main.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_fake_cifar100(root: Path, train_per_class: int = 2, test_per_class: int = 3, seed: int = 0) -> Path:
+    """`root/cifar-100-python/{train,test,meta}` as the official archive lays them out (latin1 pickles)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        labels = np.repeat(np.arange(100), per_class)
+        entry = {"filenames": [f"img_{i}.png" for i in range(len(labels))], "batch_label": f"{split} batch",
+                 "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(),
+                 "data": rng.integers(0, 256, size=(len(labels), 3072), dtype=np.uint8)}
+        with open(folder / split, "wb") as handle:
+            pickle.dump(entry, handle)
+    with open(folder / "meta", "wb") as handle:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
+                     "coarse_label_names": [f"super{i}" for i in range(20)]}, handle)
+    return root
+
+
+@pytest.fixture
+def fake_cifar(tmp_path: Path) -> Path:
+    return write_fake_cifar100(tmp_path / "data")

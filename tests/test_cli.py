@@ -1,0 +1,116 @@
+import json
+
+import pytest
+
+from config import METHOD_PRESETS, SUBCOMMANDS, parse_args, str2bool
+from conftest import TINY, run_main
+from utils import UserError
+
+
+def test_booleans_parse_as_switches_and_with_explicit_values():
+    assert parse_args(["digits_linear"]).train_mask is True
+    assert parse_args(["digits_linear", "--train_mask", "False"]).train_mask is False
+    assert parse_args(["digits_linear", "--train_mask", "false", "--shuffle"]).shuffle is True
+    assert parse_args(["digits_linear", "--shuffle", "0"]).shuffle is False
+    assert parse_args(["digits_linear", "--pretrained", "no"]).pretrained is False
+    assert parse_args(["digits_linear", "--unscale_lr=False"]).unscale_lr is False
+    with pytest.raises(Exception):
+        str2bool("maybe")
+
+
+def test_local_rank_from_either_launcher_style():
+    # torch.distributed.launch without --use_env puts --local-rank=N before the script's own arguments
+    assert parse_args(["--local-rank=1", "digits_linear"]).local_rank == 1
+    assert parse_args(["digits_linear", "--local_rank", "0"]).local_rank == 0
+    assert parse_args(["digits_linear", "--local-rank=3"]).local_rank == 3
+
+
+def test_presets_layer_dataset_method_pair_and_command_line():
+    cfg = parse_args(["cifar100_linear"])
+    assert (cfg.dataset, cfg.num_tasks, cfg.batch_size, cfg.lr, cfg.model) == (
+        "Split-CIFAR100", 10, 24, 0.03, "vit_base_patch16_224")
+    assert parse_args(["cifar100_finetune"]).lr == METHOD_PRESETS["finetune"]["lr"]
+    assert parse_args(["digits_linear"]).lr == 0.3  # the (digits, linear) cell
+    assert parse_args(["digits_linear", "--lr", "0.5"]).lr == 0.5
+    assert parse_args(["cifar100_ncm", "--epochs", "3"]).epochs == 0  # nothing to train
+
+
+def test_effective_lr_and_global_batch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg = parse_args(["cifar100_linear"])
+    assert cfg.global_batch_size == 192 and cfg.effective_lr == pytest.approx(0.03 * 24 / 256)
+    cfg = parse_args(["cifar100_linear", "--unscale_lr", "False"])
+    assert cfg.effective_lr == pytest.approx(0.03 * 192 / 256)
+
+
+def test_reference_spellings_and_no_effect_flags():
+    cfg = parse_args(["cifar100_linear", "--weight_decay", "0.1", "--clip-grad", "2", "--smoothing", "0.1",
+                      "--no-pin-mem", "--decay-rate", "0.5"])
+    assert (cfg.weight_decay, cfg.clip_grad, cfg.pin_mem, cfg.decay_rate) == (0.1, 2.0, False, 0.5)
+    assert cfg.no_effect_flags == ["smoothing"]
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in SUBCOMMANDS) and "cifar100_l" in out
+
+
+def test_unknown_subcommand_fails_with_the_list(capsys):
+    assert run_main("cifar100_nope") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown subcommand 'cifar100_nope'" in err and "digits_ncm" in err
+
+
+def test_print_config_is_a_dry_run(tmp_path, capsys):
+    out_dir = tmp_path / "never"
+    assert run_main("cifar100_linear", "--data-path", str(tmp_path / "nodata"), "--output_dir", str(out_dir),
+                    "--print_config", "--lr", "0.01") == 0
+    config = json.loads(capsys.readouterr().out)
+    assert config["lr"] == 0.01 and config["method"] == "linear" and config["dataset"] == "Split-CIFAR100"
+    assert not out_dir.exists() and not (tmp_path / "nodata").exists()
+
+
+def _fails_with_one_line(capsys, *args) -> str:
+    assert run_main(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_contradicting_flags(capsys, tmp_path):
+    assert "contradict" in _fails_with_one_line(capsys, "digits_linear", "--eval", "--resume")
+    assert "drop --num_tasks 5" in _fails_with_one_line(capsys, "digits_joint", "--num_tasks", "5")
+
+
+def test_errors_name_the_problem_and_write_nothing(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    common = ["--output_dir", str(out)]
+    err = _fails_with_one_line(capsys, "digits_linear", *common, "--model", "vit_tiny_patch17_224")
+    assert "unknown --model 'vit_tiny_patch17_224'" in err and "vit_tiny_patch16_224" in err
+    err = _fails_with_one_line(capsys, "digits_linear", *common, "--num_tasks", "3")
+    assert "--num_tasks 3" in err and "[1, 2, 5, 10]" in err
+    # missing data (the download is made to fail as it does offline)
+    import torchvision.datasets.utils as tv_utils
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    err = _fails_with_one_line(capsys, "cifar100_linear", *common, *TINY, "--data-path", str(tmp_path / "d"))
+    assert "CIFAR-100 not found in" in err and str(tmp_path / "d") in err
+    assert not out.exists()
+    # a file where the output folder should go
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(blocker / "out"))
+    assert "not writable" in err
+    # --eval with no checkpoints
+    err = _fails_with_one_line(capsys, "digits_linear", "--eval", *common)
+    assert "--eval needs the checkpoint of every task" in err and "task1_checkpoint.pth" in err
+    assert not out.exists()
+    # a non-empty output folder is never overwritten
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    err = _fails_with_one_line(capsys, "digits_linear", *common)
+    assert "is not empty; pass --resume" in err
+    assert sorted(p.name for p in out.iterdir()) == ["results.json"] and (out / "results.json").read_text() == "{}"
