@@ -103,8 +103,11 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                         "fp16 needs CUDA; none for fp32 parity with the reference")
 
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="vit_base_patch16_224", help="any timm ViT name")
-    g.add_argument("--original_model", default="vit_base_patch16_224", help="query / task-identity model")
+    # `.orig_in21k` pins the original Google ImageNet-21k ViT-B/16 of the prompt papers; timm's bare name would
+    # load its AugReg in21k->in1k fine-tuned weights instead
+    g.add_argument("--model", default="vit_base_patch16_224.orig_in21k", help="any timm ViT name (with weight tag)")
+    g.add_argument("--original_model", default="vit_base_patch16_224.orig_in21k",
+                   help="query / task-identity model")
     _bool(g, "--pretrained", default=True, help="load timm's pretrained weights (needs the network or the cache)")
     g.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=224)
     g.add_argument("--drop", type=float, default=0.0)

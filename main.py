@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(cfg: Namespace) -> int:
     import engine
+    import metrics
     from config import config_to_dict
     from datasets import build_scenario, load_benchmark
     from datasets.scenario import LoaderSettings
@@ -82,6 +83,13 @@ def _run(cfg: Namespace) -> int:
     method = create_method(cfg, scenario).to(ctx.device)
 
     log(f"config: {config_to_dict(cfg)}")
+    backbone = getattr(method, "backbone", None)
+    if backbone is not None:
+        weights = backbone.pretrained_cfg.get("hf_hub_id") or backbone.pretrained_cfg.get("url") or "?"
+        log(f"backbone: {cfg.model} -> {backbone.pretrained_cfg.get('architecture')}."
+            f"{backbone.pretrained_cfg.get('tag')}, " + (f"pretrained weights {weights}" if cfg.pretrained
+                                                        else "random initialisation (--pretrained False)")
+            + f", {sum(p.numel() for p in backbone.parameters()) / 1e6:.1f}M parameters")
     log(f"{cfg.subcommand}: {scenario.num_tasks} tasks x {len(scenario.task_classes[0])} classes | device "
         f"{ctx.device} | {ctx.world_size} process(es) x batch {cfg.batch_size} = global batch "
         f"{cfg.global_batch_size} | effective LR {cfg.effective_lr:.6g} = {cfg.lr:g} x "
@@ -92,9 +100,8 @@ def _run(cfg: Namespace) -> int:
         results = engine.run(method, scenario, cfg, ctx)
     final = results["final"]
     if final is not None and results["completed_tasks"] == scenario.num_tasks:
-        log(f"final: average accuracy {final['avg_acc']:.2f} | average incremental accuracy "
-            f"{final['avg_incremental_acc']:.2f} | forgetting {final['forgetting'] or 0:.2f} "
-            f"(standard {final['forgetting_standard'] or 0:.2f}) | results in {cfg.output_dir}")
+        log(f"final: {metrics.format_summary(final, scenario.num_tasks - 1, scenario.num_tasks)} | results in "
+            f"{cfg.output_dir}")
     return 0
 
 

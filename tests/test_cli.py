@@ -28,7 +28,7 @@ def test_local_rank_from_either_launcher_style():
 def test_presets_layer_dataset_method_pair_and_command_line():
     cfg = parse_args(["cifar100_linear"])
     assert (cfg.dataset, cfg.num_tasks, cfg.batch_size, cfg.lr, cfg.model) == (
-        "Split-CIFAR100", 10, 24, 0.03, "vit_base_patch16_224")
+        "Split-CIFAR100", 10, 24, 0.03, "vit_base_patch16_224.orig_in21k")
     assert parse_args(["cifar100_finetune"]).lr == METHOD_PRESETS["finetune"]["lr"]
     assert parse_args(["digits_linear"]).lr == 0.3  # the (digits, linear) cell
     assert parse_args(["digits_linear", "--lr", "0.5"]).lr == 0.5
