@@ -49,7 +49,7 @@ NO_EFFECT_FLAGS = {
 }
 
 # Keys that define the experiment: a resume with any of them changed is refused.
-EXPERIMENT_KEYS = ("dataset", "method", "model", "num_tasks", "class_order", "input_size", "pretrained")
+EXPERIMENT_KEYS = ("dataset", "method", "model", "num_tasks", "class_order", "input_size", "pretrained", "seed")
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}

@@ -86,6 +86,18 @@ class Progress:
             self.bar.close()
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: list[torch.nn.Parameter], clip_grad: float | None) -> None:
+    """Backward, gradient-norm clipping (when clip_grad > 0) and the optimizer step, fp16 loss scaling included."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad and clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return logits if mask is None else logits.detach().float().masked_fill(~mask, float("-inf"))
 
@@ -103,13 +115,7 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
         targets = targets.to(ctx.device, non_blocking=True)
         with maybe_autocast(ctx.device, cfg.amp):
             loss, logits = model(images, targets, t)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad and cfg.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
+        optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad)
         totals += torch.stack([loss.detach().double() * len(targets),
                                (_masked(logits, mask).argmax(1) == targets).sum().double(),
                                torch.tensor(float(len(targets)), dtype=torch.float64, device=ctx.device)])

@@ -1,0 +1,158 @@
+"""Training and evaluation throughput (images/s) of any subcommand and model config, on random inputs.
+
+    python benchmarks/throughput.py cifar100_linear --model vit_tiny_patch16_224 --input-size 224 --batch-size 8 \
+        [--steps 10] [--warmup 3] [--precisions none bf16] [--json PATH]
+
+Every flag other than --steps, --warmup, --precisions and --json is a main.py flag, resolved with the subcommand's
+presets. Training is one optimizer step (autocast forward, backward, gradient clipping as in engine.py, step);
+evaluation is `method.predict` under no_grad. Data loading is excluded: the same random batch is reused. Each row
+is batch / median step time over --steps timed steps, after --warmup untimed ones. `--pretrained` defaults to
+False here (the weights make no difference to speed and need the network), unless it is given explicitly.
+CPU numbers are only meaningful on an otherwise idle machine: another busy process slows the OpenMP threads many
+times over, so the header shows the 1-minute load average.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import engine  # noqa: E402
+from config import parse_args  # noqa: E402
+from datasets import build_scenario  # noqa: E402
+from models import create_method  # noqa: E402
+from models.base import ContinualMethod  # noqa: E402
+from utils import UserError, atomic_write_json, maybe_autocast, resolve_device, seed_everything  # noqa: E402
+
+
+def _median_seconds(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device: torch.device, precision: str,
+            steps: int, warmup: int) -> dict[str, Any]:
+    """One table row: train and eval images/s (train None when the method takes no gradient step)."""
+    cfg.amp = precision  # what the method's own hooks (e.g. ncm's end_task) autocast to
+    images = torch.randn(cfg.batch_size, 3, cfg.input_size, cfg.input_size, device=device)
+    targets = torch.tensor(classes, device=device)[torch.randint(len(classes), (cfg.batch_size,), device=device)]
+    row: dict[str, Any] = {"precision": precision, "train_images_per_second": None,
+                           "backbone_forwards_per_image": None, "eval_images_per_second": None}
+
+    param_groups = [g for g in method.begin_task(0) if g["params"]]
+    if method.trains and param_groups:
+        optimizer = engine.create_optimizer(param_groups, cfg)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        params = [p for g in param_groups for p in g["params"]]
+
+        def train_step() -> None:
+            with maybe_autocast(device, precision):
+                loss, _ = method(images, targets, 0)
+            engine.optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad)
+
+        calls = [0]
+        backbone = getattr(method, "backbone", None)
+        hook = backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) if backbone else None
+        method.train()
+        seconds = _median_seconds(train_step, steps, warmup, device)
+        if hook is not None:
+            hook.remove()
+            row["backbone_forwards_per_image"] = calls[0] / (steps + warmup)  # each call sees the whole batch
+        row["train_images_per_second"] = cfg.batch_size / seconds
+        optimizer.zero_grad(set_to_none=True)
+
+    method.eval()
+    method.end_task(0, [(images, targets)])  # class statistics for ncm; a no-op for the others
+
+    @torch.no_grad()
+    def eval_step() -> None:
+        with maybe_autocast(device, precision):
+            method.predict(images)
+
+    row["eval_images_per_second"] = cfg.batch_size / _median_seconds(eval_step, steps, warmup, device)
+    return row
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def num(value: float | None, fmt: str = "{:.1f}") -> str:
+        return "-" if value is None else fmt.format(value)
+
+    cells = [["precision", "train img/s", "eval img/s", "train fwd/img"]]
+    cells += [[r["precision"], num(r["train_images_per_second"]), num(r["eval_images_per_second"]),
+               num(r["backbone_forwards_per_image"], "{:g}")] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _run(args: Namespace, rest: list[str]) -> int:
+    """Build the method from the config alone (no data), measure every precision, print and save."""
+    if args.steps < 1 or args.warmup < 0:
+        raise UserError("--steps must be at least 1 and --warmup at least 0")
+    cfg = parse_args(rest)
+    if "pretrained" not in cfg.explicit_flags:
+        cfg.pretrained = False
+    device = resolve_device(cfg.device)
+    if "fp16" in args.precisions and device.type != "cuda":
+        raise UserError("--precisions fp16 needs CUDA; on CPU use none or bf16")
+    seed_everything(cfg.seed)
+    scenario = build_scenario(cfg.num_classes, cfg.num_tasks, False, cfg.seed, cfg.dataset)
+    method = create_method(cfg, scenario).to(device)
+
+    header = (f"{cfg.subcommand} | model {cfg.model} | input {cfg.input_size} | batch {cfg.batch_size} | "
+              f"device {device} | threads {torch.get_num_threads()} | torch {torch.__version__} | "
+              f"median of {args.steps} steps after {args.warmup} warm-up | load avg {os.getloadavg()[0]:.2f}")
+    print(header, flush=True)
+    rows = [measure(method, scenario.task_classes[0], cfg, device, precision, args.steps, args.warmup)
+            for precision in args.precisions]
+    print(format_table(rows), flush=True)
+    if args.json is not None:
+        atomic_write_json({"subcommand": cfg.subcommand, "model": cfg.model, "input_size": cfg.input_size,
+                           "batch_size": cfg.batch_size, "device": str(device), "threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+                           "results": rows}, args.json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="throughput.py", allow_abbrev=False, usage="%(prog)s <subcommand> [main.py flags] [options]",
+        description="Train and eval images/s of a main.py subcommand on random inputs.",
+        epilog="All other flags are main.py's (see `python main.py <subcommand> --help`).")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--precisions", nargs="+", choices=["none", "bf16", "fp16"], default=["none", "bf16"],
+                        help="autocast precisions, one row each (none = fp32)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return _run(args, rest)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

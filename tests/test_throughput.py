@@ -1,0 +1,43 @@
+"""benchmarks/throughput.py, run in-process on the tiny digits config (random inputs, no data on disk)."""
+import importlib.util
+from types import ModuleType
+
+from conftest import REPO, read_json
+
+
+def _throughput() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path, subcommand: str) -> dict:
+    path = tmp_path / f"{subcommand}.json"
+    code = _throughput().main([subcommand, "--device", "cpu", "--steps", "2", "--warmup", "1",
+                               "--precisions", "none", "--json", str(path)])
+    assert code == 0
+    saved = read_json(path)
+    assert saved["subcommand"] == subcommand and saved["device"] == "cpu"
+    assert [row["precision"] for row in saved["results"]] == ["none"]
+    return saved["results"][0]
+
+
+def test_linear_reports_train_and_eval_throughput(tmp_path, capsys):
+    row = _run(tmp_path, "digits_linear")
+    assert row["train_images_per_second"] > 0
+    assert row["eval_images_per_second"] > 0
+    assert row["backbone_forwards_per_image"] == 1
+    out = capsys.readouterr().out
+    assert "digits_linear" in out and "train img/s" in out
+
+
+def test_ncm_has_no_training_row(tmp_path):
+    row = _run(tmp_path, "digits_ncm")
+    assert row.get("train_images_per_second") is None
+    assert row["eval_images_per_second"] > 0
+
+
+def test_config_errors_exit_2(capsys):
+    assert _throughput().main(["digits_linear", "--num_tasks", "3"]) == 2
+    assert capsys.readouterr().err.startswith("error: --num_tasks 3")
