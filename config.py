@@ -48,6 +48,8 @@ NO_EFFECT_FLAGS = {
     "recount", "original_model", "freeze", "head_type", "world_size",
 }
 
+SCHEDULERS = ("constant", "step", "cosine", "tanh", "multistep", "poly", "plateau")
+
 # Keys that define the experiment: a resume with any of them changed is refused.
 EXPERIMENT_KEYS = ("dataset", "method", "model", "num_tasks", "class_order", "input_size", "pretrained", "seed")
 
@@ -233,8 +235,15 @@ def finalize(cfg: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--eval and --resume contradict each other: --eval re-evaluates a finished run, "
                         "--resume continues training; pass one of them")
     cfg.amp = resolve_amp(cfg.amp, cfg.device)
-    if cfg.amp == "fp16" and not (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())):
+    on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cfg.amp == "fp16" and not on_cuda:
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16 or --amp none")
+    if cfg.sched not in SCHEDULERS:
+        raise UserError(f"unknown --sched {cfg.sched!r}; use one of {', '.join(SCHEDULERS)}")
+    from timm.optim import list_optimizers
+    if cfg.opt.lower() not in list_optimizers():
+        raise UserError(f"unknown --opt {cfg.opt!r}; timm knows e.g. adam, adamw, sgd, momentum, lamb "
+                        f"(timm.optim.list_optimizers() lists all)")
     for name, minimum in (("batch_size", 1), ("epochs", 0), ("input_size", 16), ("num_workers", 0)):
         if getattr(cfg, name) < minimum:
             raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {getattr(cfg, name)}")

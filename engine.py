@@ -58,8 +58,6 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Namespace):
             noise_pct=cfg.lr_noise_pct, noise_std=cfg.lr_noise_std, noise_seed=cfg.seed)
     except (ValueError, AssertionError) as err:
         raise UserError(f"--sched {cfg.sched}: {err}") from err
-    if scheduler is None:
-        raise UserError(f"unknown --sched {cfg.sched!r}; use constant, step, cosine, tanh, multistep, poly or plateau")
     return scheduler
 
 

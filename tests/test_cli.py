@@ -114,3 +114,26 @@ def test_errors_name_the_problem_and_write_nothing(capsys, tmp_path, monkeypatch
     err = _fails_with_one_line(capsys, "digits_linear", *common)
     assert "is not empty; pass --resume" in err
     assert sorted(p.name for p in out.iterdir()) == ["results.json"] and (out / "results.json").read_text() == "{}"
+
+
+def test_optimizer_and_scheduler_follow_the_reference():
+    import torch
+
+    from engine import create_optimizer, create_scheduler
+    cfg = parse_args(["cifar100_linear", "--sched", "step", "--decay-epochs", "1", "--warmup-epochs", "0",
+                      "--epochs", "3"])
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = create_optimizer([{"params": [param]}], cfg)
+    assert type(optimizer).__name__ == "Adam" and optimizer.defaults["eps"] == 1e-8
+    lr = 0.03 * 24 / 256
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    scheduler = create_scheduler(optimizer, cfg)
+    scheduler.step(0)  # after epoch 0: the LR of epoch 1 is the schedule at t=0 (the reference's one-epoch lag)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    scheduler.step(1)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr * 0.1)
+    assert create_scheduler(optimizer, parse_args(["cifar100_linear"])) is None  # constant: no scheduler
+    with pytest.raises(UserError, match="unknown --sched 'wobble'; use one of constant, step, cosine"):
+        parse_args(["cifar100_linear", "--sched", "wobble"])
+    with pytest.raises(UserError, match="unknown --opt 'adamm'"):
+        parse_args(["cifar100_linear", "--opt", "adamm"])

@@ -63,7 +63,8 @@ def test_missing_cifar_gives_one_line_naming_the_folder(tmp_path):
     with pytest.raises(UserError) as err:
         load_cifar100(str(tmp_path), input_size=32, download=False)
     message = str(err.value)
-    assert "\n" not in message and str(tmp_path / "cifar-100-python") in message and "cifar-100-python.tar.gz" in message
+    assert "\n" not in message and str(tmp_path / "cifar-100-python") in message
+    assert "cifar-100-python.tar.gz" in message
 
 
 def test_failed_download_gives_one_line(tmp_path, monkeypatch):
