@@ -1,14 +1,20 @@
-"""The frozen pre-trained backbone: any timm VisionTransformer, returning the pooled [CLS] feature.
+"""The frozen pre-trained backbone: any timm VisionTransformer, returning the pooled [CLS] feature, and a
+block-by-block forward that injects prompts into it.
 
-timm's ViT attention already runs through `torch.nn.functional.scaled_dot_product_attention` (fused attention).
+Two kinds of prompt: prompt tokens prepended to the sequence before a block (prompt tuning, L2P), which then stay for
+all later blocks; and key/value prefixes given to one block's attention (prefix tuning, DualPrompt's G-/E-prompts),
+which leave the sequence length unchanged. Attention always runs through
+`torch.nn.functional.scaled_dot_product_attention`, as timm's own does.
 """
 from __future__ import annotations
 
 import difflib
 
 import timm
+import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from utils import UserError
 
@@ -43,3 +49,57 @@ def create_backbone(name: str, pretrained: bool, input_size: int, drop: float = 
 def freeze(module: nn.Module, frozen: bool = True) -> None:
     for param in module.parameters():
         param.requires_grad_(not frozen)
+
+
+def prefix_attention(attn: Attention, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """timm's `Attention.forward` with learned key/value prefixes.
+
+    `prefix` is (B, 2, L_p, H, d_h): index 0 along dim 1 holds the keys, 1 the values. They are put in front of the
+    block's own keys and values (no positional embedding, no q/k norm: they are learned directly in key space);
+    the queries are the sequence's own, so the output keeps the input's length.
+    """
+    batch, tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    prefix_k, prefix_v = prefix.to(k.dtype).permute(1, 0, 3, 2, 4).unbind(0)  # each (B, H, L_p, d_h)
+    k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+    x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = attn.norm(x.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
+    return attn.proj_drop(attn.proj(x))
+
+
+def block_forward(block: Block, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """One timm `Block`, with `prefix_attention` in place of its attention when a prefix is given."""
+    if prefix is None:
+        return block(x)
+    x = x + block.drop_path1(block.ls1(prefix_attention(block.attn, block.norm1(x), prefix)))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def check_promptable(model: VisionTransformer) -> None:
+    """Prompts need timm's plain pre-norm blocks; other block types (parallel, gated attention) are refused."""
+    for i, block in enumerate(model.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention or block.attn.gate is not None:
+            raise UserError(f"block {i} of this model is a {type(block).__name__}; prompts need timm's plain "
+                            f"ViT Block with its Attention")
+
+
+def forward_prompted(model: VisionTransformer, images: torch.Tensor,
+                     prefixes: dict[int, torch.Tensor] | None = None,
+                     prompt_tokens: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """The pooled feature of `model` (built with num_classes=0) with prompts injected.
+
+    `prefixes[i]`: a (B, 2, L_p, H, d_h) key/value prefix for block i. `prompt_tokens[i]`: (B, L, D) tokens put in
+    front of the sequence before block i. Pooling is timm's own over the sequence without the prompt tokens, so the
+    [CLS] feature is read at its position after them, and with no prompts this is exactly `model(images)`.
+    """
+    prefixes, prompt_tokens = prefixes or {}, prompt_tokens or {}
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    num_prompt_tokens = 0
+    for i, block in enumerate(model.blocks):
+        if i in prompt_tokens:
+            x = torch.cat([prompt_tokens[i].to(x.dtype), x], dim=1)
+            num_prompt_tokens += prompt_tokens[i].shape[1]
+        x = block_forward(block, x, prefixes.get(i))
+    return model.forward_head(model.norm(x)[:, num_prompt_tokens:])
