@@ -1,0 +1,92 @@
+"""Prompt pools (L2P / DualPrompt / S-Prompt++ E-prompts): learnable slots, optional learnable keys, key-query
+selection, and the per-layer prompts handed to `models.vit.forward_prompted`.
+
+Shapes follow the reference (spec §1.3): prefix pools are (layers, 2, pool, length, heads, head_dim) with index 0/1
+of dim 1 = keys/values; prompt-tuning pools are (layers, pool, length, dim).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def batch_majority(idx: torch.Tensor, pool_size: int, top_k: int) -> torch.Tensor:
+    """The reference's `batchwise_prompt`: the top_k slots chosen most often in the batch, used for every sample.
+
+    Ties and short lists follow the reference: unique ids in ascending order, padded up to the pool size with the
+    smallest chosen id at count 0, then torch.topk on the counts.
+    """
+    ids, counts = torch.unique(idx, return_counts=True, sorted=True)
+    if ids.numel() < pool_size:
+        pad = pool_size - ids.numel()
+        ids = torch.cat([ids, ids.new_full((pad,), int(idx.min()))])
+        counts = torch.cat([counts, counts.new_zeros(pad)])
+    major = ids[torch.topk(counts, k=top_k).indices]
+    return major.unsqueeze(0).expand(idx.shape[0], -1)
+
+
+class PromptPool(nn.Module):
+    def __init__(self, num_layers: int, pool_size: int, length: int, embed_dim: int, num_heads: int,
+                 prefix: bool, top_k: int, learn_keys: bool = True):
+        super().__init__()
+        self.num_layers, self.pool_size, self.length, self.top_k = num_layers, pool_size, length, top_k
+        self.prefix = prefix
+        if prefix:
+            shape = (num_layers, 2, pool_size, length, num_heads, embed_dim // num_heads)
+        else:
+            shape = (num_layers, pool_size, length, embed_dim)
+        self.prompt = nn.Parameter(torch.empty(shape).uniform_(-1, 1))  # the reference's 'uniform' init
+        self.key = nn.Parameter(torch.empty(pool_size, embed_dim).uniform_(-1, 1)) if learn_keys else None
+
+    def similarity(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, pool) cosine similarity between each query and each key (l2-normalised with eps 1e-12)."""
+        if self.key is None:
+            raise RuntimeError("this pool has no keys; select slots with a mask or a predicted task")
+        return F.normalize(query, dim=-1, eps=1e-12) @ F.normalize(self.key, dim=-1, eps=1e-12).T
+
+    def select(self, query: torch.Tensor, batchwise: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k slots per sample by key matching (or the batch-majority vote): (idx (B, top_k), similarity)."""
+        sim = self.similarity(query)
+        idx = torch.topk(sim, k=self.top_k, dim=1).indices
+        if batchwise:
+            idx = batch_majority(idx, self.pool_size, self.top_k)
+        return idx, sim
+
+    @staticmethod
+    def pull_term(sim: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The reference's `reduce_sim`: sum over samples and chosen slots of cos(key, query), divided by B."""
+        return sim.gather(1, idx).sum() / sim.shape[0]
+
+    def task_slots(self, task: int, batch: int) -> torch.Tensor:
+        """The training prompt mask: slots [t*k, (t+1)*k) for every sample."""
+        first = task * self.top_k
+        return torch.arange(first, first + self.top_k, device=self.prompt.device).expand(batch, -1)
+
+    @torch.no_grad()
+    def init_slots_from_previous(self, task: int, copy_keys: bool = False) -> None:
+        """`shared_prompt_pool`: task t's slots start from task t-1's (keys too with `shared_prompt_key`)."""
+        if task == 0 or (task + 1) * self.top_k > self.pool_size:
+            return
+        new, old = slice(task * self.top_k, (task + 1) * self.top_k), slice((task - 1) * self.top_k, task * self.top_k)
+        if self.prefix:
+            self.prompt[:, :, new] = self.prompt[:, :, old]
+        else:
+            self.prompt[:, new] = self.prompt[:, old]
+        if copy_keys and self.key is not None:
+            self.key[new] = self.key[old]
+
+    def gather(self, idx: torch.Tensor, legacy_reshape: bool = False) -> torch.Tensor:
+        """The chosen slots per sample, top_k slots joined along the token axis.
+
+        Prefix: (layers, B, 2, top_k*length, heads, head_dim). Prompt tuning: (layers, B, top_k*length, dim).
+        `legacy_reshape` reproduces the reference's reshape without permute (spec Q1), which mixes key/value halves
+        and samples; only for matching its published numbers.
+        """
+        batch = idx.shape[0]
+        if not self.prefix:
+            return self.prompt[:, idx].reshape(self.num_layers, batch, self.top_k * self.length, -1)
+        chosen = self.prompt[:, :, idx]  # (layers, 2, B, top_k, length, heads, head_dim)
+        if not legacy_reshape:
+            chosen = chosen.permute(0, 2, 1, 3, 4, 5, 6)
+        return chosen.reshape(self.num_layers, batch, 2, self.top_k * self.length, *chosen.shape[-2:])
