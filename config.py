@@ -17,7 +17,11 @@ from utils import UserError, resolve_amp
 
 DATASET_PRESETS: dict[str, dict[str, Any]] = {
     "cifar100": dict(dataset="Split-CIFAR100", num_classes=100, num_tasks=10),
+    "imr": dict(dataset="Split-Imagenet-R", num_classes=200, num_tasks=10),
+    "cub": dict(dataset="Split-CUB200", num_classes=200, num_tasks=10),
+    "five_datasets": dict(dataset="5-datasets", num_classes=50, num_tasks=5, batch_size=16),
     "digits": dict(dataset="Split-Digits", num_classes=10, num_tasks=5, model="vit_tiny_patch16_224",
+                   original_model="vit_tiny_patch16_224",
                    pretrained=False, input_size=32, batch_size=16, epochs=2, num_workers=0, pin_mem=False,
                    print_freq=20),
 }
@@ -28,6 +32,11 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "linear": dict(),
     "ncm": dict(epochs=0),
     "joint": dict(lr=0.001, num_tasks=1),
+    # spec §1.4 / §9.2
+    "l2p": dict(e_prompt_layer_idx=[0], use_prefix_tune_for_e_prompt=False, length=5, top_k=4,
+                use_prompt_mask=False, shared_prompt_pool=False, batchwise_prompt=True, pull_constraint_coeff=0.1),
+    "dualprompt": dict(use_g_prompt=True, g_prompt_layer_idx=[0, 1], e_prompt_layer_idx=[2, 3, 4]),
+    "sprompt": dict(),
 }
 
 # (dataset, method) cells that differ from the row and column above
@@ -36,6 +45,19 @@ PAIR_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("digits", "fix"): dict(lr=0.01),
     ("digits", "joint"): dict(lr=0.01, epochs=4),
     ("digits", "linear"): dict(lr=0.3),
+    # the reference's per-config defaults (spec §1.4, §9.1-9.2)
+    ("cifar100", "sprompt"): dict(batchwise_prompt=True),
+    ("imr", "l2p"): dict(epochs=50, lr=0.005),
+    ("imr", "dualprompt"): dict(epochs=50, lr=0.005),
+    ("imr", "sprompt"): dict(epochs=50, lr=0.005),
+    ("cub", "l2p"): dict(sched="step", warmup_epochs=0),
+    ("cub", "dualprompt"): dict(sched="step", warmup_epochs=0),
+    ("cub", "sprompt"): dict(sched="step", warmup_epochs=0),
+    ("five_datasets", "l2p"): dict(size=20, length=10, pull_constraint_coeff=0.5),
+    ("five_datasets", "dualprompt"): dict(size=5, length=40, g_prompt_length=10, batchwise_prompt=True,
+                                          pull_constraint_coeff=0.5),
+    ("five_datasets", "sprompt"): dict(size=5, length=40, batchwise_prompt=True, pull_constraint_coeff=0.5,
+                                       warmup_epochs=0),
 }
 
 SUBCOMMANDS: list[str] = [f"{d}_{m}" for d in DATASET_PRESETS for m in METHOD_PRESETS]
@@ -45,7 +67,13 @@ SUBCOMMANDS: list[str] = [f"{d}_{m}" for d in DATASET_PRESETS for m in METHOD_PR
 NEVER_READ_FLAGS = ("init_lr", "milestones", "ca_epochs", "initializer", "predefined_key", "mask_first_epoch",
                     "separated_head", "global_pool", "lora_pool", "color_jitter", "aa", "smoothing",
                     "train_interpolation", "reprob", "remode", "recount")
-NO_EFFECT_FLAGS = {*NEVER_READ_FLAGS, "original_model", "freeze", "head_type", "world_size"}
+PROMPT_FLAGS = ("use_g_prompt", "g_prompt_length", "g_prompt_layer_idx", "use_prefix_tune_for_g_prompt",
+                "use_e_prompt", "e_prompt_layer_idx", "use_prefix_tune_for_e_prompt", "size", "length", "top_k",
+                "prompt_key", "use_prompt_mask", "shared_prompt_pool", "shared_prompt_key", "batchwise_prompt",
+                "batchwise_prompt_eval", "pull_constraint", "pull_constraint_coeff", "legacy_prefix_reshape")
+# flags with no effect in any method; method-specific flags (PROMPT_FLAGS, --original_model) warn where unused
+NO_EFFECT_FLAGS = {*NEVER_READ_FLAGS, "freeze", "head_type", "world_size", "prompt_pool", "prompt_key_init",
+                   "embedding_key", "same_key_value"}
 
 SCHEDULERS = ("constant", "step", "cosine", "tanh", "multistep", "poly", "plateau")
 
@@ -116,6 +144,33 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--freeze", nargs="*", default=["blocks", "patch_embed", "cls_token", "norm", "pos_embed"])
     g.add_argument("--head_type", default="token")
 
+    g = parser.add_argument_group("prompts (l2p, dualprompt, sprompt)")
+    _bool(g, "--use_g_prompt", default=False, help="task-shared G-prompt (DualPrompt)")
+    g.add_argument("--g_prompt_length", type=int, default=5)
+    g.add_argument("--g_prompt_layer_idx", type=int, nargs="*", default=[])
+    _bool(g, "--use_prefix_tune_for_g_prompt", default=True, help="G-prompt as key/value prefix")
+    _bool(g, "--use_e_prompt", default=True, help="task-specific E-prompts from the pool")
+    g.add_argument("--e_prompt_layer_idx", type=int, nargs="*", default=[0, 1, 2, 3, 4])
+    _bool(g, "--use_prefix_tune_for_e_prompt", default=True, help="E-prompts as prefixes (False: prompt tokens)")
+    _bool(g, "--prompt_pool", default=True, help="accepted for compatibility; the pool is always used")
+    g.add_argument("--size", type=int, default=10, help="prompt pool size")
+    g.add_argument("--length", type=int, default=20, help="E-prompt length")
+    g.add_argument("--top_k", type=int, default=1)
+    _bool(g, "--prompt_key", default=True, help="learnable keys")
+    g.add_argument("--prompt_key_init", default="uniform", choices=["uniform"])
+    _bool(g, "--use_prompt_mask", default=True, help="train task t on slot t (else on the key-matched slots)")
+    _bool(g, "--shared_prompt_pool", default=True, help="initialise slot t from slot t-1")
+    _bool(g, "--shared_prompt_key", default=False, help="initialise key t from key t-1 too")
+    _bool(g, "--batchwise_prompt", default=False, help="training: one majority-voted selection per batch")
+    _bool(g, "--batchwise_prompt_eval", default=False,
+          help="test: majority vote per batch as the reference does (leaks task identity; off by default)")
+    g.add_argument("--embedding_key", default="cls", choices=["cls"])
+    _bool(g, "--pull_constraint", default=True, help="subtract coeff x key-query similarity from the loss")
+    g.add_argument("--pull_constraint_coeff", type=float, default=1.0)
+    _bool(g, "--same_key_value", default=False, help="accepted for compatibility")
+    _bool(g, "--legacy_prefix_reshape", default=False,
+          help="reproduce the reference's prefix reshape without permute (mixes keys/values across samples)")
+
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", "--data_path", dest="data_path", default="./data")
     g.add_argument("--dataset", help="benchmark name (set by the subcommand)")
@@ -148,6 +203,9 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                        help=argparse.SUPPRESS)
 
 
+SUBCOMMAND_ALIASES = {f"{d}_sprompt_5e": f"{d}_sprompt" for d in DATASET_PRESETS}  # the reference's config names
+
+
 def _split_subcommand(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """The first token that is not an option is the subcommand; `--local-rank=N`, which the legacy launcher puts
     before the script's arguments, may come first."""
@@ -171,7 +229,7 @@ def _top_level_help() -> str:
 
 
 def subcommand_defaults(subcommand: str) -> dict[str, Any]:
-    dataset_key, method = subcommand.split("_", 1)
+    dataset_key, method = subcommand.rsplit("_", 1)  # method names have no underscore; dataset keys may
     values: dict[str, Any] = {}
     for layer in (DATASET_PRESETS[dataset_key], METHOD_PRESETS[method], PAIR_PRESETS.get((dataset_key, method), {})):
         values.update(layer)
@@ -205,6 +263,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Resolve the config; exits with a one-line error on bad input (argparse's own convention, exit code 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     subcommand, rest = _split_subcommand(argv)
+    subcommand = SUBCOMMAND_ALIASES.get(subcommand, subcommand)
     if subcommand is None:
         if any(a in ("-h", "--help") for a in argv):
             print(_top_level_help())
@@ -250,7 +309,8 @@ def finalize(cfg: argparse.Namespace) -> argparse.Namespace:
     cfg.world_size = world
     cfg.global_batch_size = cfg.batch_size * world
     cfg.effective_lr = cfg.lr * (cfg.batch_size if cfg.unscale_lr else cfg.global_batch_size) / 256.0
-    cfg.no_effect_flags = sorted(explicit & NO_EFFECT_FLAGS)
+    method_flags = {"original_model", *PROMPT_FLAGS} - METHODS[cfg.method].reads_flags
+    cfg.no_effect_flags = sorted(explicit & (NO_EFFECT_FLAGS | method_flags))
     return cfg
 
 

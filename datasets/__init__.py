@@ -7,13 +7,19 @@ from utils import UserError
 
 from .base import Benchmark
 from .cifar import load_cifar100
+from .cub import load_cub200
 from .digits import load_digits
+from .five_datasets import load_five_datasets
+from .imagenet_r import load_imagenet_r
 from .scenario import Scenario, build_scenario
 
 # `--dataset` value -> loader(data_path, input_size, download) -> Benchmark
 BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "Split-CIFAR100": load_cifar100,
     "Split-Digits": load_digits,
+    "Split-Imagenet-R": load_imagenet_r,
+    "Split-CUB200": load_cub200,
+    "5-datasets": load_five_datasets,
 }
 
 

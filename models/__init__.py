@@ -11,6 +11,7 @@ from .fix import Fix
 from .joint import Joint
 from .linear import Linear
 from .ncm import NCM
+from .prompt_pool_method import PromptPoolMethod
 
 METHODS: dict[str, type[ContinualMethod]] = {
     "finetune": Finetune,
@@ -18,6 +19,9 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "linear": Linear,
     "ncm": NCM,
     "joint": Joint,
+    "l2p": PromptPoolMethod,         # the three prompt-pool methods differ only in their presets (config.py)
+    "dualprompt": PromptPoolMethod,
+    "sprompt": PromptPoolMethod,
 }
 
 

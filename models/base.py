@@ -32,6 +32,7 @@ class ContinualMethod(nn.Module):
     find_unused_parameters: bool = False  # for DDP, when a step leaves some trainable parameters unused
     num_tasks_override: int | None = None
     checkpoint_prefixes: tuple[str, ...] = ()
+    reads_flags: frozenset[str] = frozenset()  # method-specific flags it uses; others of that kind warn
 
     def __init__(self, cfg: Namespace, scenario: Scenario):
         super().__init__()

@@ -28,7 +28,8 @@ def batch_majority(idx: torch.Tensor, pool_size: int, top_k: int) -> torch.Tenso
 
 class PromptPool(nn.Module):
     def __init__(self, num_layers: int, pool_size: int, length: int, embed_dim: int, num_heads: int,
-                 prefix: bool, top_k: int, learn_keys: bool = True):
+                 prefix: bool, top_k: int, learn_keys: bool = True, key_dim: int | None = None):
+        """`key_dim`: the query model's feature size, when it differs from the prompted model's `embed_dim`."""
         super().__init__()
         self.num_layers, self.pool_size, self.length, self.top_k = num_layers, pool_size, length, top_k
         self.prefix = prefix
@@ -37,7 +38,7 @@ class PromptPool(nn.Module):
         else:
             shape = (num_layers, pool_size, length, embed_dim)
         self.prompt = nn.Parameter(torch.empty(shape).uniform_(-1, 1))  # the reference's 'uniform' init
-        self.key = nn.Parameter(torch.empty(pool_size, embed_dim).uniform_(-1, 1)) if learn_keys else None
+        self.key = nn.Parameter(torch.empty(pool_size, key_dim or embed_dim).uniform_(-1, 1)) if learn_keys else None
 
     def similarity(self, query: torch.Tensor) -> torch.Tensor:
         """(B, pool) cosine similarity between each query and each key (l2-normalised with eps 1e-12)."""

@@ -1,0 +1,109 @@
+"""L2P, DualPrompt and S-Prompt++: a frozen ViT instructed by prompts chosen from a pool by key-query matching.
+
+The three are one mechanism with different presets (config.METHOD_PRESETS):
+- L2P: prompt tuning (tokens prepended before block 0), top-4 of 10 slots chosen by key matching in training too,
+  pull constraint 0.1.
+- DualPrompt: a task-shared G-prompt (prefix, blocks 0-1) and E-prompts (prefix, blocks 2-4); training uses task t's
+  slot (prompt mask), initialised from slot t-1.
+- S-Prompt++: E-prompts only, prefix at blocks 0-4, otherwise as DualPrompt.
+The query is the frozen pre-trained ViT's [CLS] feature; at test time each sample takes its own best-matching slot
+unless `--batchwise_prompt_eval` asks for the reference's batch-majority vote.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+
+import torch
+import torch.nn as nn
+
+from config import PROMPT_FLAGS
+from datasets.scenario import Scenario
+from utils import UserError, warn
+
+from .base import ContinualMethod, masked_cross_entropy
+from .prompts import PromptPool
+from .vit import check_promptable, create_backbone, forward_prompted, freeze
+
+
+class PromptPoolMethod(ContinualMethod):
+    find_unused_parameters = True  # unselected slots and unused keys get no gradient in a step
+    reads_flags = frozenset({"original_model"} | set(PROMPT_FLAGS))
+    checkpoint_prefixes = ("e_prompt.", "g_prompt", "head.")
+
+    def __init__(self, cfg: Namespace, scenario: Scenario):
+        super().__init__(cfg, scenario)
+        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path)
+        check_promptable(self.backbone)
+        freeze(self.backbone)
+        # the query model is the same frozen ViT when the names agree: one copy in memory, identical weights
+        self.query_model = (self.backbone if cfg.original_model == cfg.model
+                            else create_backbone(cfg.original_model, cfg.pretrained, cfg.input_size))
+        freeze(self.query_model)
+        dim, heads = self.backbone.embed_dim, self.backbone.blocks[0].attn.num_heads
+        self._check_config(cfg, scenario)
+        self.e_layers = list(cfg.e_prompt_layer_idx) if cfg.use_e_prompt else []
+        self.g_layers = list(cfg.g_prompt_layer_idx) if cfg.use_g_prompt else []
+        self.e_prompt = PromptPool(len(self.e_layers), cfg.size, cfg.length, dim, heads,
+                                   prefix=cfg.use_prefix_tune_for_e_prompt, top_k=cfg.top_k,
+                                   learn_keys=cfg.prompt_key, key_dim=self.query_model.num_features)
+        self.g_prompt = (nn.Parameter(torch.empty(len(self.g_layers), 2, cfg.g_prompt_length, heads, dim // heads)
+                                      .uniform_(-1, 1)) if self.g_layers else None)
+        self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        if cfg.batchwise_prompt_eval:
+            warn("--batchwise_prompt_eval selects one prompt per test batch by majority vote; test batches hold one "
+                 "task, so this leaks near-oracle task identity (the reference's evaluation)")
+
+    @staticmethod
+    def _check_config(cfg: Namespace, scenario: Scenario) -> None:
+        if not cfg.use_e_prompt:
+            raise UserError(f"{cfg.method} needs E-prompts; drop --use_e_prompt False")
+        if cfg.use_g_prompt and not cfg.use_prefix_tune_for_g_prompt:
+            raise UserError("G-prompts are implemented as prefixes only; drop --use_prefix_tune_for_g_prompt False")
+        if cfg.use_prompt_mask and scenario.num_tasks * cfg.top_k > cfg.size:
+            raise UserError(f"--use_prompt_mask needs a slot per task: --size {cfg.size} < {scenario.num_tasks} tasks "
+                            f"x --top_k {cfg.top_k}")
+        if not cfg.use_prompt_mask and not cfg.prompt_key:
+            raise UserError("without --use_prompt_mask the slots are chosen by key matching; keep --prompt_key")
+
+    def begin_task(self, t: int) -> list[dict]:
+        if self.cfg.shared_prompt_pool and self.e_prompt is not None:
+            self.e_prompt.init_slots_from_previous(t, copy_keys=self.cfg.shared_prompt_key)
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def _query(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.query_model(images)
+
+    def _features(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        batch = images.shape[0]
+        prefixes: dict[int, torch.Tensor] = {}
+        prompt_tokens: dict[int, torch.Tensor] = {}
+        for j, layer in enumerate(self.g_layers):
+            prefixes[layer] = self.g_prompt[j].unsqueeze(0).expand(batch, -1, -1, -1, -1)
+        chosen = self.e_prompt.gather(idx, legacy_reshape=self.cfg.legacy_prefix_reshape)
+        for j, layer in enumerate(self.e_layers):
+            if self.e_prompt.prefix:
+                prefixes[layer] = torch.cat([prefixes[layer], chosen[j]], dim=2) if layer in prefixes else chosen[j]
+            else:
+                prompt_tokens[layer] = chosen[j]
+        return forward_prompted(self.backbone, images, prefixes, prompt_tokens)
+
+    def forward(self, images: torch.Tensor, targets: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        query = self._query(images)
+        if self.cfg.use_prompt_mask:
+            idx = self.e_prompt.task_slots(t, images.shape[0])
+            sim = self.e_prompt.similarity(query) if self.e_prompt.key is not None else None
+        else:
+            idx, sim = self.e_prompt.select(query, batchwise=self.cfg.batchwise_prompt)
+        logits = self.head(self._features(images, idx))
+        loss = masked_cross_entropy(logits, targets, self.train_mask(t))
+        if self.cfg.pull_constraint and sim is not None:
+            loss = loss - self.cfg.pull_constraint_coeff * PromptPool.pull_term(sim, idx)
+        return loss, logits
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        idx, _ = self.e_prompt.select(self._query(images), batchwise=self.cfg.batchwise_prompt_eval)
+        return self.head(self._features(images, idx))

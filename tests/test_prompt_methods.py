@@ -1,0 +1,122 @@
+"""L2P, DualPrompt and S-Prompt++ (one mechanism, three presets) on tiny data."""
+import pytest
+import torch
+
+from config import parse_args
+from conftest import read_json, run_main
+from datasets import build_scenario
+from models import create_method
+
+
+def _method(subcommand: str, *flags: str):
+    cfg = parse_args([subcommand, "--device", "cpu", *flags])
+    scenario = build_scenario(cfg.num_classes, cfg.num_tasks, False, cfg.seed, cfg.dataset)
+    torch.manual_seed(0)
+    return create_method(cfg, scenario), cfg
+
+
+@pytest.mark.parametrize("method", ["l2p", "dualprompt", "sprompt"])
+def test_prompt_methods_run_end_to_end_and_save_only_what_they_train(tmp_path, method):
+    out = tmp_path / method
+    assert run_main(f"digits_{method}", "--output_dir", str(out), "--epochs", "1", "--num_tasks", "2",
+                    "--device", "cpu") == 0
+    results = read_json(out / "results.json")
+    assert results["completed_tasks"] == 2 and results["final"]["test_images"] == 540
+    saved = torch.load(out / "checkpoint" / "task2_checkpoint.pth", weights_only=False)["model"]
+    expected = {"e_prompt.prompt", "e_prompt.key", "head.weight", "head.bias"}
+    assert set(saved) == (expected | {"g_prompt"} if method == "dualprompt" else expected)
+
+
+def test_presets_match_the_reference_table():
+    l2p = parse_args(["cifar100_l2p"])
+    assert (l2p.e_prompt_layer_idx, l2p.use_prefix_tune_for_e_prompt, l2p.length, l2p.top_k, l2p.use_prompt_mask,
+            l2p.batchwise_prompt, l2p.pull_constraint_coeff) == ([0], False, 5, 4, False, True, 0.1)
+    dp = parse_args(["cifar100_dualprompt"])
+    assert (dp.use_g_prompt, dp.g_prompt_layer_idx, dp.e_prompt_layer_idx, dp.length, dp.top_k,
+            dp.use_prompt_mask, dp.shared_prompt_pool, dp.batchwise_prompt) == (
+        True, [0, 1], [2, 3, 4], 20, 1, True, True, False)
+    sp = parse_args(["cifar100_sprompt"])
+    assert (sp.use_g_prompt, sp.e_prompt_layer_idx, sp.batchwise_prompt) == (False, [0, 1, 2, 3, 4], True)
+    assert sp.batchwise_prompt_eval is False  # per-sample selection at test time unless asked
+
+
+def test_a_training_step_moves_prompts_keys_and_head_but_never_the_backbone():
+    method, cfg = _method("digits_dualprompt", "--lr", "1.0")
+    frozen = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    trained = {k: v.detach().clone() for k, v in method.named_parameters() if v.requires_grad}
+    assert set(trained) == {"e_prompt.prompt", "e_prompt.key", "g_prompt", "head.weight", "head.bias"}
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=1.0)
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    loss, logits = method(images, targets, 0)
+    loss.backward()
+    optimizer.step()
+    assert logits.shape == (4, 10)
+    assert all(torch.equal(v, method.backbone.state_dict()[k]) for k, v in frozen.items())
+    changed = {k for k, v in method.named_parameters() if v.requires_grad and not torch.equal(v, trained[k])}
+    assert changed == set(trained)
+    # task 0 trains slot 0 only: every other slot of the pool is untouched
+    assert torch.equal(method.e_prompt.prompt[:, :, 1:], trained["e_prompt.prompt"][:, :, 1:])
+
+
+def test_the_query_model_runs_once_per_image_in_training_and_at_test():
+    method, _ = _method("digits_sprompt")
+    calls = []
+    method.query_model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    method(images, targets, 0)
+    assert calls == [4]
+    method.predict(images)
+    assert calls == [4, 4]
+
+
+def test_test_time_selection_is_per_sample_unless_the_vote_is_asked_for():
+    method, _ = _method("digits_sprompt")
+    with torch.no_grad():
+        method.e_prompt.key.zero_()
+        method.e_prompt.key[0, 0] = method.e_prompt.key[1, 1] = 1.0
+    features = {}
+
+    def fake_query(images):  # sample 0 matches key 0, samples 1-2 match key 1
+        return torch.eye(192)[[0, 1, 1]]
+
+    def fake_features(images, idx):
+        features["idx"] = idx
+        return torch.zeros(3, 192)
+
+    method._query = fake_query
+    method._features = fake_features
+    method.predict(torch.randn(3, 3, 32, 32))
+    assert features["idx"].tolist() == [[0], [1], [1]]
+    method.cfg.batchwise_prompt_eval = True
+    features.clear()
+    method.predict(torch.randn(3, 3, 32, 32))
+    assert features["idx"].tolist() == [[1], [1], [1]]
+
+
+def test_prompt_flags_warn_on_baselines_and_contradictions_fail():
+    assert parse_args(["digits_linear", "--top_k", "2", "--original_model", "x"]).no_effect_flags == [
+        "original_model", "top_k"]
+    assert parse_args(["digits_l2p", "--top_k", "2"]).no_effect_flags == []
+    from utils import UserError
+    with pytest.raises(UserError, match="--size 3 < 5 tasks"):
+        _method("digits_dualprompt", "--size", "3")
+
+
+def test_new_benchmarks_run_end_to_end_with_prompt_methods(tmp_path):
+    from conftest import TINY
+    from test_more_benchmarks import write_fake_five_datasets, write_fake_imagenet_r
+
+    tiny = [*TINY, "--original_model", "vit_tiny_patch16_224", "--epochs", "1", "--batch-size", "8"]
+    imr = write_fake_imagenet_r(tmp_path / "imr")
+    out = tmp_path / "imr_out"
+    # the reference's config name (`*_sprompt_5e`) is an alias
+    assert run_main("imr_sprompt_5e", "--data-path", str(imr), "--output_dir", str(out), "--num_tasks", "1",
+                    *tiny) == 0
+    assert read_json(out / "results.json")["subcommand"] == "imr_sprompt"
+    five = tmp_path / "five"
+    write_fake_five_datasets(five)
+    out = tmp_path / "five_out"
+    assert run_main("five_datasets_l2p", "--data-path", str(five), "--output_dir", str(out), *tiny) == 0
+    results = read_json(out / "results.json")
+    assert results["completed_tasks"] == 5
+    assert results["task_classes"][1] == list(range(10, 20))  # MNIST's labels, offset by 10
