@@ -104,7 +104,8 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
                     epoch: int, cfg: Namespace, ctx: DistContext) -> dict[str, float]:
     method.train()
     params = [p for p in method.parameters() if p.requires_grad]
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, images
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, correct (no per-step host sync)
+    seen = 0
     mask = method.train_mask(t)
     progress = Progress(len(loader), f"task {t + 1} epoch {epoch + 1}/{cfg.epochs}", cfg.print_freq)
     start = time.perf_counter()
@@ -114,11 +115,11 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
         with maybe_autocast(ctx.device, cfg.amp):
             loss, logits = model(images, targets, t)
         optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad)
+        seen += len(targets)
         totals += torch.stack([loss.detach().double() * len(targets),
-                               (_masked(logits, mask).argmax(1) == targets).sum().double(),
-                               torch.tensor(float(len(targets)), dtype=torch.float64, device=ctx.device)])
+                               (_masked(logits, mask).argmax(1) == targets).sum().double()])
         if step % progress.print_freq == 0 or step == len(loader):
-            loss_sum, correct, seen = totals.tolist()
+            loss_sum, correct = totals.tolist()
             if not math.isfinite(loss_sum):
                 raise UserError(f"the training loss became {loss_sum} at task {t + 1}, epoch {epoch + 1}, step "
                                 f"{step}; lower --lr, or use --amp none")
@@ -128,7 +129,8 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
         else:
             progress.update(step, {})
     progress.close()
-    loss_sum, correct, seen = all_reduce_sum(totals).tolist()
+    count = torch.tensor([float(seen)], dtype=torch.float64, device=ctx.device)
+    loss_sum, correct, seen = all_reduce_sum(torch.cat([totals, count])).tolist()
     seconds = time.perf_counter() - start
     return {"loss": loss_sum / seen, "acc": 100 * correct / seen, "lr": optimizer.param_groups[0]["lr"],
             "images": seen, "seconds": seconds, "images_per_second": seen / seconds}

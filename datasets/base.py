@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from utils import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class TransformedDataset(Dataset):
@@ -33,14 +38,35 @@ class TransformedDataset(Dataset):
 
 
 class ArrayImages:
-    """Loads item i of an (N, H, W, C) uint8 array as a PIL image; a class rather than a lambda so that DataLoader
-    workers started with `spawn` can pickle it."""
+    """Loads item i of an (N, H, W, C) or grayscale (N, H, W) uint8 array as an RGB PIL image (the backbone takes
+    three channels); a class rather than a lambda so that DataLoader workers started with `spawn` can pickle it."""
 
     def __init__(self, images: np.ndarray):
         self.images = images
 
     def __call__(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
+        return Image.fromarray(self.images[index]).convert("RGB")
+
+
+class ImageFiles:
+    """Loads item i of a list of image files as an RGB PIL image, from disk on every call, so a 30k-image benchmark
+    costs no RAM; a class rather than a lambda so that DataLoader workers started with `spawn` can pickle it."""
+
+    def __init__(self, root: Path, relpaths: list[str]):
+        self.root = Path(root)
+        self.relpaths = list(relpaths)
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def __call__(self, index: int) -> Image.Image:
+        path = self.root / self.relpaths[index]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except OSError as err:  # FileNotFoundError and PIL's UnidentifiedImageError are both OSErrors
+            raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); "
+                            f"replace it from the dataset's archive") from err
 
 
 @dataclass

@@ -15,18 +15,22 @@ CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 CIFAR100_FOLDER = "cifar-100-python"
 
 
-def _read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_pickle(path: Path, label_key: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file of the CIFAR python layout: (N, 32, 32, 3) uint8 images and their labels under `label_key`
+    (`fine_labels` for CIFAR-100, `labels` for CIFAR-10). Any unreadable file is one line naming it and `source`."""
     try:
         with open(path, "rb") as handle:
             entry = pickle.load(handle, encoding="latin1")
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
         images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-        labels = np.asarray(entry["fine_labels"], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, AttributeError) as err:
         raise UserError(
-            f"{path} is not a readable CIFAR-100 pickle ({type(err).__name__}: {err}); delete "
-            f"{path.parent} and let the run download it again, or extract {CIFAR100_URL} there") from err
+            f"{path} is not a readable CIFAR pickle ({type(err).__name__}: {err}); delete "
+            f"{path.parent} and let the run download it again, or extract {source} there") from err
     if len(images) != len(labels):
-        raise UserError(f"{path} holds {len(images)} images but {len(labels)} labels; the file is corrupt, replace it")
+        raise UserError(f"{path} holds {len(images)} images but {len(labels)} labels; the file is corrupt, "
+                        f"extract {source} again")
     return images, labels
 
 
@@ -48,8 +52,9 @@ def _ensure_present(root: Path, download: bool) -> None:
 def load_cifar100(data_path: str, input_size: int, download: bool = True) -> Benchmark:
     root = Path(data_path)
     run_on_main_first(lambda: _ensure_present(root, download))
-    train_images, train_labels = _read_split(root / CIFAR100_FOLDER / "train")
-    test_images, test_labels = _read_split(root / CIFAR100_FOLDER / "test")
+    train_images, train_labels = read_cifar_pickle(root / CIFAR100_FOLDER / "train", "fine_labels",
+                                                   CIFAR100_URL)
+    test_images, test_labels = read_cifar_pickle(root / CIFAR100_FOLDER / "test", "fine_labels", CIFAR100_URL)
     train_tf, test_tf = cifar_transforms(input_size)
 
     return Benchmark(

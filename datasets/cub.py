@@ -15,8 +15,8 @@ import numpy as np
 
 from utils import UserError, run_on_main_first
 
-from .base import Benchmark, TransformedDataset
-from .imagenet_r import ImageFiles, extract_folder_from_tar
+from .archives import extract_folder_from_tar
+from .base import Benchmark, ImageFiles, TransformedDataset
 from .transforms import default_transforms
 
 CUB_SOURCE = "https://data.caltech.edu/records/65de6-vjz86 (CUB_200_2011.tgz)"

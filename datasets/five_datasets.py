@@ -18,10 +18,8 @@ Layout under `<data-path>`:
 """
 from __future__ import annotations
 
-import bisect
 import gzip
 import os
-import pickle
 import shutil
 import tempfile
 import zipfile
@@ -30,14 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset
 
 from utils import UserError, run_on_main_first
 
-from .base import ArrayImages, Benchmark, TransformedDataset
-from .imagenet_r import IMAGE_EXTENSIONS, ImageFiles
+from .base import IMAGE_EXTENSIONS, ArrayImages, Benchmark, ImageFiles, TransformedDataset
+from .cifar import read_cifar_pickle
 from .transforms import cifar_transforms, default_transforms
 
 CLASSES_PER_MEMBER = 10
@@ -52,37 +49,6 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 Split = tuple[Callable[[int], Image.Image], np.ndarray]  # (loader, 0-based labels)
-
-
-class GrayArrayImages:
-    """Loads item i of an (N, H, W) uint8 array as an RGB PIL image (the backbone expects three channels)."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def __call__(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index]).convert("RGB")
-
-
-class ConcatMembers(Dataset):
-    """The members one after another; each keeps its own transform, `targets` are the concatenated (offset) labels."""
-
-    def __init__(self, members: list[TransformedDataset]):
-        self.members = members
-        self.ends = np.cumsum([len(m) for m in members]).tolist()
-        self.targets = np.concatenate([m.targets for m in members]) if members else np.zeros(0, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return self.ends[-1] if self.ends else 0
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        member = bisect.bisect_right(self.ends, index)
-        start = self.ends[member - 1] if member else 0
-        return self.members[member][index - start]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -124,7 +90,7 @@ def _mnist_like(folder: Path, source: str) -> Callable[[str], Split]:
         if len(images) != len(labels) or (len(labels) and labels.max() >= CLASSES_PER_MEMBER):
             raise UserError(f"{folder} holds {len(images)} {split} images but {len(labels)} labels (or labels above 9);"
                             f" the files do not belong together, get them again from {source}")
-        return GrayArrayImages(images), labels
+        return ArrayImages(images), labels
     return read
 
 
@@ -149,21 +115,9 @@ def _read_svhn(root: Path) -> Callable[[str], Split]:
 def _read_cifar10(folder: Path) -> Callable[[str], Split]:
     def read(split: str) -> Split:
         names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-        images, labels = [], []
-        for name in names:
-            path = folder / name
-            try:
-                with open(path, "rb") as handle:
-                    entry = pickle.load(handle, encoding="latin1")
-                entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
-                images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-                labels.append(np.asarray(entry["labels"], dtype=np.int64))
-            except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError, AttributeError) as err:
-                raise _unreadable(path, err, CIFAR10_URL) from err
-            if len(images[-1]) != len(labels[-1]):
-                raise UserError(f"{path} holds {len(images[-1])} images but {len(labels[-1])} labels; "
-                                f"the file is corrupt, extract {CIFAR10_URL} again")
-        return ArrayImages(np.ascontiguousarray(np.concatenate(images))), np.concatenate(labels)
+        batches = [read_cifar_pickle(folder / name, "labels", CIFAR10_URL) for name in names]
+        images = np.ascontiguousarray(np.concatenate([images for images, _ in batches]))
+        return ArrayImages(images), np.concatenate([labels for _, labels in batches])
     return read
 
 
@@ -310,10 +264,11 @@ def load_five_datasets(data_path: str, input_size: int, download: bool = True) -
         splits["train"].append(TransformedDataset(train_images, train_labels + offset, train_tf))
         splits["train_eval"].append(TransformedDataset(train_images, train_labels + offset, test_tf))
         splits["test"].append(TransformedDataset(test_images, test_labels + offset, test_tf))
-    train, train_eval, test = (ConcatMembers(splits[k]) for k in ("train", "train_eval", "test"))
+    train, train_eval, test = (ConcatDataset(splits[k]) for k in ("train", "train_eval", "test"))
 
     return Benchmark(
         name="5-datasets", num_classes=CLASSES_PER_MEMBER * len(splits["train"]),
         train=train, train_eval=train_eval, test=test,
-        train_targets=train.targets, test_targets=test.targets,
+        train_targets=np.concatenate([d.targets for d in splits["train"]]),
+        test_targets=np.concatenate([d.targets for d in splits["test"]]),
     )

@@ -5,25 +5,19 @@ The official data has no train/test split. The reference drew one from the globa
 --seed) and then MOVED the user's files into `train/` and `test/` folders, racing under DDP (spec Q16). Here the
 80/20 split is stratified per class with a fixed seed, computed once on rank 0 and kept as a JSON file of relative
 paths next to the images; the images themselves are never moved or deleted.
-
-The file-list loader and the safe tar extraction also serve `cub.py`.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tarfile
-import tempfile
-import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from utils import UserError, atomic_write_json, run_on_main_first, warn
 
-from .base import Benchmark, TransformedDataset
+from .archives import extract_folder_from_tar
+from .base import IMAGE_EXTENSIONS, Benchmark, ImageFiles, TransformedDataset
 from .transforms import default_transforms
 
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
@@ -32,89 +26,6 @@ IMAGENET_R_ARCHIVE = "imagenet-r.tar"
 SPLIT_SEED = 0  # fixed, so the split never depends on --seed
 TRAIN_NUMERATOR, TRAIN_DENOMINATOR = 4, 5  # 80 % train, in integer arithmetic so rounding is exact
 SPLIT_FILE = f"split_seed{SPLIT_SEED}.json"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shared with cub.py
-# ----------------------------------------------------------------------------------------------------------------
-class ImageFiles:
-    """Loads item i of a list of image files as an RGB PIL image, from disk on every call, so a 30k-image benchmark
-    costs no RAM; a class rather than a lambda so that DataLoader workers started with `spawn` can pickle it."""
-
-    def __init__(self, root: Path, relpaths: list[str]):
-        self.root = Path(root)
-        self.relpaths = list(relpaths)
-
-    def __len__(self) -> int:
-        return len(self.relpaths)
-
-    def __call__(self, index: int) -> Image.Image:
-        path = self.root / self.relpaths[index]
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except OSError as err:  # FileNotFoundError and PIL's UnidentifiedImageError are both OSErrors
-            raise UserError(f"cannot read image {path} ({type(err).__name__}: {err}); "
-                            f"replace it from the dataset's archive") from err
-
-
-def _is_safe_member(member: tarfile.TarInfo, dest: Path) -> bool:
-    """Fallback for Pythons without tarfile's `data` filter: regular files and folders inside `dest` only."""
-    target = (dest / member.name).resolve()
-    return (member.isfile() or member.isdir()) and (target == dest or dest in target.parents)
-
-
-COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
-
-
-def _check_end_marker(archive: Path, offset: int) -> None:
-    """tarfile takes a plain tar cut exactly between two members for a complete, shorter archive; a complete one ends
-    with two zero blocks where the member list ends. (Compressed archives cut short already fail to decompress.)"""
-    with open(archive, "rb") as handle:
-        if handle.read(6).startswith(COMPRESSED_MAGIC):
-            return
-        handle.seek(offset)
-        marker = handle.read(2 * tarfile.BLOCKSIZE)
-    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\x00"):
-        raise tarfile.ReadError("the archive ends without its end-of-archive marker")
-
-
-def extract_folder_from_tar(archive: Path, folder_name: str, root: Path, source: str) -> None:
-    """Extract `archive` and move its top-level `folder_name/` to `root/folder_name`.
-
-    Extraction goes to a temporary folder beside the target and is renamed into place only when complete, so an
-    interrupted or failed extraction never leaves a half-filled folder that a later run would take for the data.
-    Members that would land outside the folder (absolute paths, `..`, links, devices) are refused. The archive
-    itself is left where it is.
-    """
-    final = root / folder_name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}.extracting-", dir=root))
-    try:
-        try:
-            with tarfile.open(archive) as tar:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(tmp, filter="data")
-                else:  # pragma: no cover - Python < 3.11.4
-                    resolved = tmp.resolve()
-                    members = tar.getmembers()
-                    unsafe = [m.name for m in members if not _is_safe_member(m, resolved)]
-                    if unsafe:
-                        raise tarfile.TarError(f"unsafe member {unsafe[0]!r}")
-                    tar.extractall(tmp, members=members)
-                end_of_archive = tar.offset
-            _check_end_marker(archive, end_of_archive)
-        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            raise UserError(f"{archive} is not a readable archive ({type(err).__name__}: {err}); it is probably "
-                            f"truncated or corrupt: delete it and download it again from {source}") from err
-        extracted = tmp / folder_name
-        if not extracted.is_dir():
-            raise UserError(f"{archive} has no top-level {folder_name}/ folder; it is not the expected archive, "
-                            f"get it from {source}")
-        if not final.exists():  # another process may have finished first: keep its copy
-            os.replace(extracted, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_truncated_cifar_pickle_is_a_clear_error(tmp_path):
     root = write_fake_cifar100(tmp_path)
     path = root / "cifar-100-python" / "test"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(UserError, match="not a readable CIFAR-100 pickle"):
+    with pytest.raises(UserError, match="not a readable CIFAR pickle"):
         load_cifar100(str(root), input_size=32, download=False)
 
 

@@ -292,7 +292,7 @@ def test_five_datasets_offsets_transforms_and_sizes(tmp_path):
             expected += [(y % 10) + 10 * i for y in raw[name][split]]  # SVHN's 10 -> 0
         assert targets.tolist() == expected
     assert bench.test_targets[:2].tolist() == [3, 0] and bench.train_targets[0] == 0
-    assert bench.train.targets.tolist() == bench.train_targets.tolist()
+    assert np.concatenate([d.targets for d in bench.train.datasets]).tolist() == bench.train_targets.tolist()
     assert len(bench.train) == len(bench.train_eval) == len(bench.train_targets) == 3 + 4 + 10 + 3 + 2
     assert len(bench.test) == len(bench.test_targets) == 2 + 2 + 2 + 2 + 3
 
@@ -306,9 +306,9 @@ def test_five_datasets_offsets_transforms_and_sizes(tmp_path):
     cifar_index = 2 + 2  # first CIFAR-10 test item
     fashion = bench.test[len(bench.test) - 1][0]
     assert 0 <= fashion.min() and fashion.max() <= 1 and torch.equal(fashion[0], fashion[1])
-    assert "Normalize" in repr(bench.test.members[2].transform)
-    assert all("Normalize" not in repr(bench.test.members[i].transform) for i in (0, 1, 3, 4))
-    assert "ColorJitter" in repr(bench.train.members[2].transform)
+    assert "Normalize" in repr(bench.test.datasets[2].transform)
+    assert all("Normalize" not in repr(bench.test.datasets[i].transform) for i in (0, 1, 3, 4))
+    assert "ColorJitter" in repr(bench.train.datasets[2].transform)
     assert bench.test[cifar_index][1] == 29
 
     # per-task selection works on the offset targets (the reference's bug Q15)
