@@ -178,10 +178,10 @@ def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespace
     start = time.perf_counter()
     for i in range(t + 1):
         allowed = scenario.class_mask(i).to(ctx.device) if cfg.task_inc else seen
-        for images, targets in scenario.test_loader(i):
+        for batch, (images, targets) in enumerate(scenario.test_loader(i)):
             images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
             with maybe_autocast(ctx.device, cfg.amp):
-                logits = method.predict(images)
+                logits = method.predict(images, batch_key=("test", i, batch))
             hits = (_masked(logits, allowed).argmax(1) == targets).double()
             correct.index_add_(0, targets, hits)
             total.index_add_(0, targets, torch.ones_like(hits))

@@ -40,6 +40,19 @@ class ContinualMethod(nn.Module):
         self.num_classes = scenario.num_classes
         self.register_buffer("_task_masks", torch.stack([scenario.class_mask(t) for t in range(scenario.num_tasks)]),
                              persistent=False)
+        self._feature_cache: dict[tuple, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def frozen_forward(self, name: str, model: nn.Module, images: torch.Tensor, batch_key: tuple | None) -> torch.Tensor:
+        """`model(images)` for a model that stays frozen for the whole run. With a `batch_key` (the engine gives one
+        for deterministic loaders: same images in the same order every time) the result is computed once per run
+        and reused, e.g. the test set's query features, evaluated after every task."""
+        if batch_key is None:
+            return model(images)
+        key = (name, *batch_key)
+        if key not in self._feature_cache:
+            self._feature_cache[key] = model(images)
+        return self._feature_cache[key]
 
     def train_mask(self, t: int) -> torch.Tensor | None:
         return self._task_masks[t] if self.cfg.train_mask else None
@@ -57,8 +70,9 @@ class ContinualMethod(nn.Module):
         """After training task t (class statistics, alignment, ...)."""
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits over all classes; the engine masks the classes not seen yet."""
+    def predict(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
+        """Logits over all classes; the engine masks the classes not seen yet. `batch_key` names a batch of a
+        deterministic loader (see `frozen_forward`)."""
         raise NotImplementedError
 
     # --- checkpoints -------------------------------------------------------------------------------------------
@@ -91,6 +105,8 @@ class BackboneHeadMethod(ContinualMethod):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
+    backbone_frozen_for_run = False  # True: its test features never change, so evaluation caches them
+
     def backbone_trains(self, t: int) -> bool:
         raise NotImplementedError
 
@@ -110,5 +126,7 @@ class BackboneHeadMethod(ContinualMethod):
         return masked_cross_entropy(logits, targets, self.train_mask(t)), logits
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
+        if self.backbone_frozen_for_run:
+            return self.head(self.frozen_forward("backbone", self.backbone, images, batch_key))
         return self.head(self.backbone(images))

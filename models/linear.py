@@ -3,5 +3,6 @@ from .base import BackboneHeadMethod
 
 
 class Linear(BackboneHeadMethod):
+    backbone_frozen_for_run = True
     def backbone_trains(self, t: int) -> bool:
         return False

@@ -42,7 +42,8 @@ class NCM(ContinualMethod):
         self.class_counts += all_reduce_sum(counts)
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
+    def predict(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
         means = F.normalize((self.class_sums / self.class_counts.clamp(min=1).unsqueeze(1)).float(), dim=1)
-        logits = F.normalize(self.backbone(images).float(), dim=1) @ means.T
+        features = self.frozen_forward("backbone", self.backbone, images, batch_key)
+        logits = F.normalize(features.float(), dim=1) @ means.T
         return logits.masked_fill(self.class_counts == 0, float("-inf"))

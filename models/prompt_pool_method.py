@@ -72,9 +72,14 @@ class PromptPoolMethod(ContinualMethod):
             self.e_prompt.init_slots_from_previous(t, copy_keys=self.cfg.shared_prompt_key)
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def _query(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.query_model(images)
+    def _query(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
+        return self.frozen_forward("query", self.query_model, images, batch_key)
+
+    def _needs_query_in_training(self) -> bool:
+        """With the prompt mask the slot is task t's; the query then only feeds the pull constraint."""
+        if not self.cfg.use_prompt_mask:
+            return True
+        return bool(self.cfg.pull_constraint and self.cfg.pull_constraint_coeff and self.e_prompt.key is not None)
 
     def _features(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         batch = images.shape[0]
@@ -91,10 +96,10 @@ class PromptPoolMethod(ContinualMethod):
         return forward_prompted(self.backbone, images, prefixes, prompt_tokens)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        query = self._query(images)
+        query = self._query(images) if self._needs_query_in_training() else None
         if self.cfg.use_prompt_mask:
             idx = self.e_prompt.task_slots(t, images.shape[0])
-            sim = self.e_prompt.similarity(query) if self.e_prompt.key is not None else None
+            sim = self.e_prompt.similarity(query) if query is not None else None
         else:
             idx, sim = self.e_prompt.select(query, batchwise=self.cfg.batchwise_prompt)
         logits = self.head(self._features(images, idx))
@@ -104,6 +109,6 @@ class PromptPoolMethod(ContinualMethod):
         return loss, logits
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> torch.Tensor:
-        idx, _ = self.e_prompt.select(self._query(images), batchwise=self.cfg.batchwise_prompt_eval)
+    def predict(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
+        idx, _ = self.e_prompt.select(self._query(images, batch_key), batchwise=self.cfg.batchwise_prompt_eval)
         return self.head(self._features(images, idx))

@@ -69,6 +69,38 @@ def test_the_query_model_runs_once_per_image_in_training_and_at_test():
     assert calls == [4, 4]
 
 
+def _count_query_images(monkeypatch) -> list[int]:
+    """Patch method creation so that every batch through the frozen query model is recorded (its size)."""
+    import models
+    calls: list[int] = []
+    create = models.create_method
+
+    def counting_create(cfg, scenario):
+        method = create(cfg, scenario)
+        method.query_model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        return method
+
+    monkeypatch.setattr(models, "create_method", counting_create)
+    return calls
+
+
+@pytest.mark.parametrize("flags, train_passes", [([], 1), (["--pull_constraint", "False"], 0)])
+def test_a_run_puts_each_image_through_the_query_model_at_most_once(tmp_path, monkeypatch, flags, train_passes):
+    # 2 tasks x 1 epoch over Split Digits: 1257 training and 540 test images. The test features are cached, so
+    # task 1's test images are not recomputed after task 2; with the prompt mask and no pull constraint the
+    # query has no use in training and is not computed there at all.
+    calls = _count_query_images(monkeypatch)
+    out = tmp_path / "run"
+    assert run_main("digits_dualprompt", "--output_dir", str(out), "--epochs", "1", "--num_tasks", "2",
+                    "--device", "cpu", *flags) == 0
+    assert sum(calls) == 1257 * train_passes + 540
+    calls.clear()
+    assert run_main("digits_dualprompt", "--output_dir", str(out), "--num_tasks", "2", "--device", "cpu",
+                    "--eval", *flags) == 0
+    assert sum(calls) == 540  # both checkpoints re-evaluated, each test image through the query model once
+    assert read_json(out / "eval_results.json")["acc_matrix"] == read_json(out / "results.json")["acc_matrix"]
+
+
 def test_test_time_selection_is_per_sample_unless_the_vote_is_asked_for():
     method, _ = _method("digits_sprompt")
     with torch.no_grad():
@@ -76,7 +108,7 @@ def test_test_time_selection_is_per_sample_unless_the_vote_is_asked_for():
         method.e_prompt.key[0, 0] = method.e_prompt.key[1, 1] = 1.0
     features = {}
 
-    def fake_query(images):  # sample 0 matches key 0, samples 1-2 match key 1
+    def fake_query(images, batch_key=None):  # sample 0 matches key 0, samples 1-2 match key 1
         return torch.eye(192)[[0, 1, 1]]
 
     def fake_features(images, idx):
