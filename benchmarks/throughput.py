@@ -20,11 +20,13 @@ import sys
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from timm.layers import PatchEmbed  # noqa: E402
 
 import engine  # noqa: E402
 from config import parse_args  # noqa: E402
@@ -32,6 +34,20 @@ from datasets import build_scenario  # noqa: E402
 from models import create_method  # noqa: E402
 from models.base import ContinualMethod  # noqa: E402
 from utils import UserError, atomic_write_json, maybe_autocast, resolve_device, seed_everything  # noqa: E402
+
+
+@contextmanager
+def count_vit_passes(method: torch.nn.Module) -> Iterator[list[int]]:
+    """Counts whole-batch ViT passes (plain or prompted, any ViT inside the method): each starts with a patch
+    embedding, so a hook there sees every one exactly once."""
+    passes = [0]
+    hooks = [m.register_forward_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
+             for m in method.modules() if isinstance(m, PatchEmbed)]
+    try:
+        yield passes
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _median_seconds(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
@@ -58,7 +74,8 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device:
     images = torch.randn(cfg.batch_size, 3, cfg.input_size, cfg.input_size, device=device)
     targets = torch.tensor(classes, device=device)[torch.randint(len(classes), (cfg.batch_size,), device=device)]
     row: dict[str, Any] = {"precision": precision, "train_images_per_second": None,
-                           "backbone_forwards_per_image": None, "eval_images_per_second": None}
+                           "train_vit_passes_per_image": None, "eval_images_per_second": None,
+                           "eval_vit_passes_per_image": None}
 
     param_groups = [g for g in method.begin_task(0) if g["params"]]
     if method.trains and param_groups:
@@ -71,14 +88,10 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device:
                 loss, _ = method(images, targets, 0)
             engine.optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad)
 
-        calls = [0]
-        backbone = getattr(method, "backbone", None)
-        hook = backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) if backbone else None
         method.train()
-        seconds = _median_seconds(train_step, steps, warmup, device)
-        if hook is not None:
-            hook.remove()
-            row["backbone_forwards_per_image"] = calls[0] / (steps + warmup)  # each call sees the whole batch
+        with count_vit_passes(method) as passes:
+            seconds = _median_seconds(train_step, steps, warmup, device)
+        row["train_vit_passes_per_image"] = passes[0] / (steps + warmup)
         row["train_images_per_second"] = cfg.batch_size / seconds
         optimizer.zero_grad(set_to_none=True)
 
@@ -90,7 +103,9 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device:
         with maybe_autocast(device, precision):
             method.predict(images)
 
-    row["eval_images_per_second"] = cfg.batch_size / _median_seconds(eval_step, steps, warmup, device)
+    with count_vit_passes(method) as passes:
+        row["eval_images_per_second"] = cfg.batch_size / _median_seconds(eval_step, steps, warmup, device)
+    row["eval_vit_passes_per_image"] = passes[0] / (steps + warmup)
     return row
 
 
@@ -98,9 +113,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def num(value: float | None, fmt: str = "{:.1f}") -> str:
         return "-" if value is None else fmt.format(value)
 
-    cells = [["precision", "train img/s", "eval img/s", "train fwd/img"]]
+    cells = [["precision", "train img/s", "eval img/s", "ViT passes/img train", "eval"]]
     cells += [[r["precision"], num(r["train_images_per_second"]), num(r["eval_images_per_second"]),
-               num(r["backbone_forwards_per_image"], "{:g}")] for r in rows]
+               num(r["train_vit_passes_per_image"], "{:g}"), num(r["eval_vit_passes_per_image"], "{:g}")]
+              for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
