@@ -5,7 +5,8 @@
 
 Every flag other than --steps, --warmup, --precisions and --json is a main.py flag, resolved with the subcommand's
 presets. Training is one optimizer step (autocast forward, backward, gradient clipping as in engine.py, step);
-evaluation is `method.predict` under no_grad. Data loading is excluded: the same random batch is reused. Each row
+evaluation is `method.predict` under no_grad, uncached (the first evaluation of a run; later ones reuse frozen
+features). Methods with several phases per task (HiDe-Prompt: stage 1 `tii`, stage 2 `wtp`) get rows per phase. Data loading is excluded: the same random batch is reused. Each row
 is batch / median step time over --steps timed steps, after --warmup untimed ones. `--pretrained` defaults to
 False here (the weights make no difference to speed and need the network), unless it is given explicitly.
 CPU numbers are only meaningful on an otherwise idle machine: another busy process slows the OpenMP threads many
@@ -96,8 +97,6 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device:
         optimizer.zero_grad(set_to_none=True)
 
     method.eval()
-    method.end_task(0, [(images, targets)])  # class statistics for ncm; a no-op for the others
-
     @torch.no_grad()
     def eval_step() -> None:
         with maybe_autocast(device, precision):
@@ -113,8 +112,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def num(value: float | None, fmt: str = "{:.1f}") -> str:
         return "-" if value is None else fmt.format(value)
 
-    cells = [["precision", "train img/s", "eval img/s", "ViT passes/img train", "eval"]]
-    cells += [[r["precision"], num(r["train_images_per_second"]), num(r["eval_images_per_second"]),
+    cells = [["phase", "precision", "train img/s", "eval img/s", "ViT passes/img train", "eval"]]
+    cells += [[r["phase"], r["precision"], num(r["train_images_per_second"]), num(r["eval_images_per_second"]),
                num(r["train_vit_passes_per_image"], "{:g}"), num(r["eval_vit_passes_per_image"], "{:g}")]
               for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
@@ -141,8 +140,12 @@ def _run(args: Namespace, rest: list[str]) -> int:
               f"device {device} | threads {torch.get_num_threads()} | torch {torch.__version__} | "
               f"median of {args.steps} steps after {args.warmup} warm-up | load avg {os.getloadavg()[0]:.2f}")
     print(header, flush=True)
-    rows = [measure(method, scenario.task_classes[0], cfg, device, precision, args.steps, args.warmup)
-            for precision in args.precisions]
+    rows = []
+    for phase in method.phases:  # e.g. HiDe-Prompt's stage 1 (tii) and stage 2 (wtp)
+        phase_cfg = method.set_phase(phase)
+        for precision in args.precisions:
+            row = measure(method, scenario.task_classes[0], phase_cfg, device, precision, args.steps, args.warmup)
+            rows.append({"phase": phase, **row})
     print(format_table(rows), flush=True)
     if args.json is not None:
         atomic_write_json({"subcommand": cfg.subcommand, "model": cfg.model, "input_size": cfg.input_size,
