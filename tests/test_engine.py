@@ -114,18 +114,23 @@ def test_distributed_evaluation_is_exact_with_odd_shards(tmp_path, fake_cifar):
 
 
 def test_demo_under_torchrun_with_two_processes(tmp_path):
-    """The README's main job: the baselines, L2P and DualPrompt under torchrun (2 gloo processes), then the table."""
+    """The README's main job: HiDe-Prompt's two launches, then baselines and prompt methods, under torchrun (2 gloo
+    processes), then the table with the task-identity accuracy."""
     import subprocess
     out = tmp_path / "demo"
     result = subprocess.run(["bash", "training_script/demo.sh", str(out)], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test\\after" in result.stdout  # the accuracy matrix is printed
     table = result.stdout[result.stdout.index("final metrics"):]
-    for method in ("ncm", "linear", "fix", "finetune", "joint", "l2p", "dualprompt"):
-        assert f"digits_{method}" in table
-        results = read_json(out / method / "results.json")
-        assert results["completed_tasks"] == results["num_tasks"]
+    assert "task id." in table and "digits_hideprompt (tii)" in table and "digits_hideprompt (wtp)" in table
+    for name in ("hideprompt_stage1", "hideprompt", "ncm", "linear", "dualprompt"):
+        results = read_json(out / name / "results.json")
+        assert results["completed_tasks"] == results["num_tasks"] == 5
         assert results["config"]["world_size"] == 2
-        assert f"{results['final']['avg_acc']:.2f}" in table
-        assert list((out / method / "tensorboard").glob("events.out.tfevents.*"))
+        assert f"{results['final']['avg_acc']:.2f}" in table and f"{results['final']['avg_tii_acc']:.2f}" in table
+        assert list((out / name / "tensorboard").glob("events.out.tfevents.*"))
+    stage1, stage2 = (read_json(out / name / "results.json") for name in ("hideprompt_stage1", "hideprompt"))
+    assert stage2["config"]["trained_original_model"] == str(out / "hideprompt_stage1")
+    # stage 2 picks each test image's prompt with stage 1's task prediction: the same task-identity accuracy
+    assert stage2["final"]["tii_acc"] == stage1["final"]["tii_acc"]

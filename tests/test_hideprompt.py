@@ -34,7 +34,8 @@ def test_the_two_launch_flow_equals_the_one_command_flow(runs):
     assert tii["config"]["stage"] == "tii" and wtp["config"]["stage"] == "wtp" and both["config"]["stage"] == "both"
     assert both["acc_matrix"] == wtp["acc_matrix"]
     for mine, theirs in zip(both["tasks"], wtp["tasks"]):
-        assert mine["tii_acc"] == theirs["tii_acc"] and mine["train_loss"] == theirs["train_loss"]
+        assert mine["tii_acc"] == theirs["tii_acc"]
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6)  # float summation order
     # the one-command run reports stage 1 as its first phase, equal to the stage-1 run's own results
     for t in range(2):
         column = [tii["acc_matrix"][i][t] for i in range(t + 1)]
