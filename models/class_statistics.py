@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import all_gather_rows, broadcast_tensors, log
+from utils import all_gather_rows, broadcast_tensors, log, warn
 
 STORAGE_METHODS = ("covariance", "variance", "multi-centroid")
 JITTER = 1e-4  # the reference's diagonal term: added to covariances, variances and centroid variances
@@ -39,9 +39,9 @@ class ClassStatistics(nn.Module):
         features, labels = all_gather_rows(features.float()), all_gather_rows(labels)
         for c in classes:
             x = features[labels == c]
-            if x.shape[0] == 0:
-                raise ValueError(f"class {c} has no training features")
             self.present[c] = False
+            if x.shape[0] == 0:  # no training image of this class: nothing to model, nothing to sample
+                continue
             if self.storage == "multi-centroid":
                 self._centroids(c, x, seed + c)
                 continue
@@ -81,8 +81,6 @@ class ClassStatistics(nn.Module):
         class_pos, comp = present.nonzero(as_tuple=True)
         cls = torch.tensor(classes, device=self.mean.device)[class_pos]
         slots = cls.numel() * per_component
-        if slots == 0:
-            raise ValueError("no class statistics to sample from")
         pick = torch.randperm(slots, generator=generator)[: min(count, slots)].to(self.mean.device) // per_component
         cls, comp = cls[pick], comp[pick]
         noise = torch.randn(pick.numel(), self.mean.shape[-1], generator=generator).to(self.mean.device)
@@ -109,6 +107,10 @@ def task_adaptive_prediction(params: list[nn.Parameter], classify: Callable[[tor
     mean_loss = float("nan")
     for epoch in range(epochs):
         features, targets = stats.sample(seen_classes, per_component, iterations * per_component, generator)
+        if features.shape[0] == 0:
+            warn("task-adaptive prediction skipped: no class statistics with any spread to sample from (every "
+                 "class has a single training image per centroid)")
+            return mean_loss
         losses = torch.zeros((), dtype=torch.float64, device=features.device)
         steps = 0
         for start in range(0, min(iterations * per_component, features.shape[0]), per_component):

@@ -165,3 +165,23 @@ def test_the_reference_scripts_launch_stage_one_then_stage_two_on_its_output(tmp
             50, 5, 0.1, 0.01, "step")
     if dataset == "five_datasets":
         assert (stage2[0].batch_size, stage2[0].clip_grad, stage2[0].original_model_mlp_structure) == (32, 2.0, [4, 4])
+
+
+def test_five_datasets_gets_statistics_for_every_member(tmp_path):
+    # the reference compares raw member labels with offset class ids here and finds no images from task 2 on (Q15)
+    from conftest import TINY
+    from test_more_benchmarks import write_fake_five_datasets
+    data = tmp_path / "five"
+    labels = write_fake_five_datasets(data)
+    out = tmp_path / "out"
+    assert run_main("five_datasets_hideprompt", "--data-path", str(data), "--output_dir", str(out), *TINY,
+                    "--original_model", "vit_tiny_patch16_224", "--epochs", "1", "--tii_epochs", "1",
+                    "--crct_epochs", "1", "--batch-size", "4") == 0
+    saved = torch.load(out / "checkpoint" / "task5_checkpoint.pth", weights_only=False)["model"]
+    members = ["SVHN", "MNIST", "CIFAR10", "notMNIST", "FashionMNIST"]
+    for offset, member in enumerate(members):
+        raw = {0 if (member == "SVHN" and y == 10) else y for y in labels[member]["train"]}
+        expected = sorted(10 * offset + y for y in raw)
+        for stats in ("tii_stats", "wtp_stats"):
+            present = saved[f"{stats}.present"].any(1).nonzero().flatten().tolist()
+            assert [c for c in present if 10 * offset <= c < 10 * offset + 10] == expected, (member, stats)
