@@ -6,6 +6,7 @@ whatever the method trains.
 from __future__ import annotations
 
 from argparse import Namespace
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -43,7 +44,8 @@ class ContinualMethod(nn.Module):
         self._feature_cache: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
-    def frozen_forward(self, name: str, model: nn.Module, images: torch.Tensor, batch_key: tuple | None) -> torch.Tensor:
+    def frozen_forward(self, name: str, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                       batch_key: tuple | None) -> torch.Tensor:
         """`model(images)` for a model that stays frozen for the whole run. With a `batch_key` (the engine gives one
         for deterministic loaders: same images in the same order every time) the result is computed once per run
         and reused, e.g. the test set's query features, evaluated after every task."""
@@ -100,7 +102,8 @@ class BackboneHeadMethod(ContinualMethod):
 
     def __init__(self, cfg: Namespace, scenario: Scenario):
         super().__init__(cfg, scenario)
-        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path)
+        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
+                                        checkpoint=cfg.pretrained_checkpoint)
         self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
