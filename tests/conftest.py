@@ -67,3 +67,19 @@ def write_fake_cifar100(root: Path, train_per_class: int = 2, test_per_class: in
 @pytest.fixture
 def fake_cifar(tmp_path: Path) -> Path:
     return write_fake_cifar100(tmp_path / "data")
+
+
+def script_commands(script: str, *args: str, tmp_path: Path, env: dict[str, str] | None = None) -> list[list[str]]:
+    """Run a training script with a fake `torchrun` on PATH; return the `main.py` argument lists it launched."""
+    bin_dir, log = tmp_path / "fake_bin", tmp_path / "launched.jsonl"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "torchrun"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"with open({str(log)!r}, 'a') as f:\n    f.write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    run_env = {**os.environ, **(env or {}), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", f"training_script/{script}", *args], cwd=REPO, env=run_env, check=True,
+                   capture_output=True, text=True, timeout=60)
+    launched = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    log.unlink(missing_ok=True)
+    return [argv[argv.index("main.py") + 1:] for argv in launched]

@@ -2,6 +2,8 @@
 in that exact foreign layout (with the extra keys the real files carry), must give back the same network."""
 import argparse
 import fractions
+import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
 from config import parse_args
-from conftest import TINY, read_json, run_main
+from conftest import REPO, TINY, read_json, run_main, script_commands
 from datasets import build_scenario
 from models import create_method
 from models.backbones import (ALIASES, BACKBONES, CHECKPOINTS_DIR, build_backbone, load_weights_file,
@@ -383,3 +385,30 @@ def test_moco_v3_in_a_prompt_method_trains_its_fresh_fc_norm_and_queries_before_
     with torch.no_grad():  # the query skips the fresh norm: it did not move with it
         backbone = method.backbone
         assert torch.equal(method._query(IMAGES), backbone.pool(backbone.forward_features(IMAGES)))
+
+
+# --- training scripts ----------------------------------------------------------------------------------------------
+SCRIPTS = {f"train_{d}_{b}.sh": (d, b) for d in ("cifar100", "imr") for b in ("ibot21k", "ibot", "dino", "mocov3")}
+SCRIPTS.update({"train_cub_ibot21k.sh": ("cub", "ibot21k"), "train_5datasets_ibot21k.sh": ("five_datasets", "ibot21k")})
+SCRIPT_BACKBONES = {"ibot21k": "vit_base_patch16_224.ibot_in22k", "ibot": "vit_base_patch16_224.ibot_in1k",
+                    "dino": "vit_base_patch16_224.dino", "mocov3": "vit_base_patch16_224.mocov3_in1k"}
+
+
+def test_backbone_scripts_run_both_stages_per_seed_with_names_the_table_resolves(tmp_path):
+    for script, (dataset, backbone) in SCRIPTS.items():
+        assert subprocess.run(["bash", "-n", f"training_script/{script}"], cwd=REPO).returncode == 0
+        commands = script_commands(script, "--num_workers", "2", tmp_path=tmp_path, env={"SEEDS": "7 8"})
+        assert len(commands) == 4
+        for seed, (stage1, stage2) in zip((7, 8), (commands[:2], commands[2:])):
+            stage1_dir = f"./output/{dataset}_{backbone}_multi_centroid_mlp_2_seed{seed}"
+            assert stage1[0] == stage2[0] == f"{dataset}_hideprompt"
+            assert "--train_inference_task_only" in stage1 and stage1[stage1.index("--output_dir") + 1] == stage1_dir
+            assert stage2[stage2.index("--trained_original_model") + 1] == stage1_dir
+            for argv in (stage1, stage2):
+                model = argv[argv.index("--model") + 1]
+                assert argv[argv.index("--original_model") + 1] == model
+                assert resolve_backbone(model).name == model == SCRIPT_BACKBONES[backbone]
+                assert argv[argv.index("--seed") + 1] == str(seed) and argv[-2:] == ["--num_workers", "2"]
+    cifar = script_commands("train_cifar100_ibot21k.sh", tmp_path=tmp_path)
+    assert len(cifar) == 6  # seeds 42, 40, 44
+    assert json.dumps(cifar[1]).count("--prompt_momentum\", \"0.1") == 1
