@@ -1,6 +1,8 @@
 """Print one table comparing finished runs: `python compare.py OUTPUT_DIR [OUTPUT_DIR ...]`.
 
-Reads each run's results.json; a run still in progress shows the tasks it has finished.
+Reads each run's results.json; a run still in progress shows the tasks it has finished. "task id." is the final
+task-identity accuracy: the share of test images whose inferred task (HiDe's TII model, or the task of the predicted
+class) is right.
 """
 from __future__ import annotations
 
@@ -21,12 +23,17 @@ def load_row(output_dir: str) -> list[str]:
         value = final.get(key)
         return "-" if value is None else f"{value:.2f}"
 
-    return [results["subcommand"], f"{results['completed_tasks']}/{results['num_tasks']}", fmt("avg_acc"),
-            fmt("avg_incremental_acc"), fmt("forgetting"), fmt("forgetting_standard"), fmt("bwt")]
+    name = results["subcommand"]
+    stage = results["config"].get("stage", "auto")
+    if stage != "auto":  # HiDe's stage-1 and stage-2 runs share a subcommand
+        name += f" ({stage})"
+    return [name, f"{results['completed_tasks']}/{results['num_tasks']}", fmt("avg_acc"),
+            fmt("avg_incremental_acc"), fmt("forgetting"), fmt("forgetting_standard"), fmt("bwt"),
+            fmt("avg_tii_acc")]
 
 
 def format_table(rows: list[list[str]]) -> str:
-    header = ["run", "tasks", "A_last", "avg inc.", "forgetting", "forg. (std)", "BWT"]
+    header = ["run", "tasks", "A_last", "avg inc.", "forgetting", "forg. (std)", "BWT", "task id."]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
              for r in [header, *rows]]

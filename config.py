@@ -37,6 +37,8 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
                 use_prompt_mask=False, shared_prompt_pool=False, batchwise_prompt=True, pull_constraint_coeff=0.1),
     "dualprompt": dict(use_g_prompt=True, g_prompt_layer_idx=[0, 1], e_prompt_layer_idx=[2, 3, 4]),
     "sprompt": dict(),
+    # spec §9.2-9.3 (configs/*_hideprompt_5e.py): prefix E-prompts at blocks 0-4, slot t for task t, no keys
+    "hideprompt": dict(prompt_key=False, original_model_mlp_structure=[2], sched="step", warmup_epochs=0),
 }
 
 # (dataset, method) cells that differ from the row and column above
@@ -58,6 +60,11 @@ PAIR_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
                                           pull_constraint_coeff=0.5),
     ("five_datasets", "sprompt"): dict(size=5, length=40, batchwise_prompt=True, pull_constraint_coeff=0.5,
                                        warmup_epochs=0),
+    ("cifar100", "hideprompt"): dict(prompt_momentum=0.01),
+    ("cub", "hideprompt"): dict(tii_lr=0.01),  # train_cub_vit.sh's stage-1 LR
+    ("five_datasets", "hideprompt"): dict(size=5, length=40, original_model_mlp_structure=[4, 4], reg=0.0,
+                                          prompt_key=True, sched="constant", warmup_epochs=5, tii_lr=0.001),
+    ("digits", "hideprompt"): dict(tii_lr=0.01, tii_epochs=2, crct_epochs=5, n_centroids=3, length=5),
 }
 
 SUBCOMMANDS: list[str] = [f"{d}_{m}" for d in DATASET_PRESETS for m in METHOD_PRESETS]
@@ -71,6 +78,9 @@ PROMPT_FLAGS = ("use_g_prompt", "g_prompt_length", "g_prompt_layer_idx", "use_pr
                 "use_e_prompt", "e_prompt_layer_idx", "use_prefix_tune_for_e_prompt", "size", "length", "top_k",
                 "prompt_key", "use_prompt_mask", "shared_prompt_pool", "shared_prompt_key", "batchwise_prompt",
                 "batchwise_prompt_eval", "pull_constraint", "pull_constraint_coeff", "legacy_prefix_reshape")
+HIDE_FLAGS = ("stage", "train_inference_task_only", "trained_original_model", "original_model_mlp_structure",
+              "tii_epochs", "tii_lr", "ca_storage_efficient_method", "n_centroids", "crct_epochs", "ca_lr",
+              "not_train_ca", "reg", "prompt_momentum", "larger_prompt_lr")
 # flags with no effect in any method; method-specific flags (PROMPT_FLAGS, --original_model) warn where unused
 NO_EFFECT_FLAGS = {*NEVER_READ_FLAGS, "freeze", "head_type", "world_size", "prompt_pool", "prompt_key_init",
                    "embedding_key", "same_key_value"}
@@ -79,7 +89,7 @@ SCHEDULERS = ("constant", "step", "cosine", "tanh", "multistep", "poly", "platea
 
 # Keys that define the experiment: a resume with any of them changed is refused. Backbones count by the table name
 # they resolve to, so an alias and its name are the same experiment.
-EXPERIMENT_KEYS = ("dataset", "method", "backbone", "pretrained_checkpoint", "original_backbone",
+EXPERIMENT_KEYS = ("dataset", "method", "stage", "backbone", "pretrained_checkpoint", "original_backbone",
                    "original_model_checkpoint", "num_tasks", "class_order", "input_size", "pretrained", "seed")
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
@@ -181,6 +191,30 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     _bool(g, "--legacy_prefix_reshape", default=False,
           help="reproduce the reference's prefix reshape without permute (mixes keys/values across samples)")
 
+    g = parser.add_argument_group("HiDe-Prompt (hideprompt)")
+    g.add_argument("--stage", choices=["auto", "tii", "wtp", "both"], default="auto",
+                   help="tii: stage 1 only (task-identity inference); wtp: stage 2 only, reading stage 1 from "
+                        "--trained_original_model; both: the two stages task by task in one run. auto: tii with "
+                        "--train_inference_task_only, wtp with --trained_original_model, else both")
+    _bool(g, "--train_inference_task_only", default=False, help="the reference's switch for stage 1 (= --stage tii)")
+    g.add_argument("--trained_original_model", default="", help="stage 1's --output_dir, read by stage 2")
+    g.add_argument("--original_model_mlp_structure", type=int, nargs="*", default=[2],
+                   help="hidden widths of the residual MLP mapping, as multiples of the feature size ([] = none)")
+    g.add_argument("--tii_epochs", type=int, default=20, help="stage-1 epochs per task in --stage both")
+    g.add_argument("--tii_lr", type=float, default=0.0005, help="stage-1 base LR in --stage both")
+    g.add_argument("--ca_storage_efficient_method", choices=["covariance", "variance", "multi-centroid"],
+                   default="multi-centroid", help="class statistics kept for task-adaptive prediction")
+    g.add_argument("--n_centroids", type=int, default=10, help="k-means centroids per class (multi-centroid)")
+    g.add_argument("--crct_epochs", type=int, default=30, help="task-adaptive prediction epochs")
+    g.add_argument("--ca_lr", type=float, default=0.005,
+                   help="task-adaptive prediction LR (scaled by batch/256 in stage 1 only, as the reference)")
+    _bool(g, "--not_train_ca", default=False, help="skip task-adaptive prediction")
+    g.add_argument("--reg", type=float, default=0.01, help="weight of the contrastive regularisation (stage 2)")
+    g.add_argument("--prompt_momentum", type=float, default=0.0,
+                   help="mix slot t with the mean of the earlier slots (stage 2, from task 2 on)")
+    _bool(g, "--larger_prompt_lr", default=False,
+          help="the reference's name: prompts keep the LR, every other trained parameter (the head) gets LR x 0.1")
+
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", "--data_path", dest="data_path", default="./data")
     g.add_argument("--dataset", help="benchmark name (set by the subcommand)")
@@ -213,7 +247,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                        help=argparse.SUPPRESS)
 
 
-SUBCOMMAND_ALIASES = {f"{d}_sprompt_5e": f"{d}_sprompt" for d in DATASET_PRESETS}  # the reference's config names
+# the reference's config names
+SUBCOMMAND_ALIASES = {f"{d}_{m}_5e": f"{d}_{m}" for d in DATASET_PRESETS for m in ("sprompt", "hideprompt")}
 
 
 def _split_subcommand(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -324,7 +359,8 @@ def finalize(cfg: argparse.Namespace) -> argparse.Namespace:
     cfg.world_size = world
     cfg.global_batch_size = cfg.batch_size * world
     cfg.effective_lr = cfg.lr * (cfg.batch_size if cfg.unscale_lr else cfg.global_batch_size) / 256.0
-    method_flags = {"original_model", *PROMPT_FLAGS} - METHODS[cfg.method].reads_flags
+    METHODS[cfg.method].finalize_config(cfg)
+    method_flags = {"original_model", *PROMPT_FLAGS, *HIDE_FLAGS} - METHODS[cfg.method].reads_flags
     if "original_model" in method_flags:
         method_flags.add("original_model_checkpoint")
     cfg.no_effect_flags = sorted(explicit & (NO_EFFECT_FLAGS | method_flags))

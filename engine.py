@@ -169,32 +169,39 @@ def train_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespa
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespace, ctx: DistContext) -> dict:
-    """Accuracy on the test set of every task 0..t. Each rank takes a disjoint shard and per-class correct/total
-    counts are summed over ranks, so every test image is counted exactly once whatever the world size."""
+    """Accuracy on the test set of every task 0..t, and task-identity accuracy (the share of each task's images whose
+    inferred task is right: the method's own inference, or the task of the predicted class). Each rank takes a
+    disjoint shard and per-class counts are summed over ranks, so every test image is counted exactly once whatever
+    the world size."""
     method.eval()
-    correct = torch.zeros(scenario.num_classes, dtype=torch.float64, device=ctx.device)
-    total = torch.zeros_like(correct)
+    counts = torch.zeros(3, scenario.num_classes, dtype=torch.float64, device=ctx.device)  # correct, task right, total
     seen = scenario.seen_mask(t).to(ctx.device)
+    class_to_task = scenario.class_to_task.to(ctx.device)
     start = time.perf_counter()
     for i in range(t + 1):
         allowed = scenario.class_mask(i).to(ctx.device) if cfg.task_inc else seen
         for batch, (images, targets) in enumerate(scenario.test_loader(i)):
             images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
+            key = ("test", i, batch)
             with maybe_autocast(ctx.device, cfg.amp):
-                logits = method.predict(images, batch_key=("test", i, batch))
-            hits = (_masked(logits, allowed).argmax(1) == targets).double()
-            correct.index_add_(0, targets, hits)
-            total.index_add_(0, targets, torch.ones_like(hits))
-    all_reduce_sum(correct)
-    all_reduce_sum(total)
-    task_acc = []
+                logits = method.predict(images, batch_key=key)
+                inferred_task = method.predict_task(images, batch_key=key)
+            predicted = _masked(logits, allowed).argmax(1)
+            if inferred_task is None:
+                inferred_task = class_to_task[predicted]
+            for row, hits in enumerate((predicted == targets, inferred_task == i, torch.ones_like(targets))):
+                counts[row].index_add_(0, targets, hits.double())
+    correct, task_right, total = all_reduce_sum(counts)
+    task_acc, tii_acc = [], []
     for i in range(t + 1):
         classes = scenario.task_classes[i]
-        task_acc.append(100.0 * correct[classes].sum().item() / max(total[classes].sum().item(), 1.0))
+        images = max(total[classes].sum().item(), 1.0)
+        task_acc.append(100.0 * correct[classes].sum().item() / images)
+        tii_acc.append(100.0 * task_right[classes].sum().item() / images)
     n = total.sum().item()
     seconds = time.perf_counter() - start
-    return {"task_acc": task_acc, "overall_acc": 100.0 * correct.sum().item() / max(n, 1.0), "test_images": int(n),
-            "eval_seconds": seconds, "eval_images_per_second": n / seconds if seconds else 0.0}
+    return {"task_acc": task_acc, "tii_acc": tii_acc, "overall_acc": 100.0 * correct.sum().item() / max(n, 1.0),
+            "test_images": int(n), "eval_seconds": seconds, "eval_images_per_second": n / seconds if seconds else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,21 +234,27 @@ class RunRecord:
     def add(self, t: int, evaluation: dict, extra: dict[str, Any]) -> dict[str, Any]:
         self.acc[: t + 1, t] = evaluation["task_acc"]
         entry = {"task": t + 1, **metrics.summarize(self.acc, t), "overall_acc": evaluation["overall_acc"],
+                 "tii_acc": evaluation["tii_acc"], "avg_tii_acc": float(np.mean(evaluation["tii_acc"])),
                  "test_images": evaluation["test_images"], "eval_seconds": evaluation["eval_seconds"],
                  "eval_images_per_second": evaluation["eval_images_per_second"], **extra}
         del self.tasks[t:]
         self.tasks.append(entry)
         log(metrics.format_matrix(self.acc, t))
-        log(metrics.format_summary(entry, t, self.scenario.num_tasks) + f" | overall {entry['overall_acc']:.2f}")
+        log(metrics.format_summary(entry, t, self.scenario.num_tasks) + f" | overall {entry['overall_acc']:.2f} | "
+            f"task identity {entry['avg_tii_acc']:.2f}")
         if self.tensorboard_dir is not None:
             if self.writer is None:
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(str(self.tensorboard_dir))
             for i in range(t + 1):
                 self.writer.add_scalar(f"accuracy_{i + 1}", self.acc[i, t], t + 1)
-            for key in ("avg_acc", "avg_incremental_acc", "forgetting", "forgetting_standard", "bwt", "overall_acc"):
+            for key in ("avg_acc", "avg_incremental_acc", "forgetting", "forgetting_standard", "bwt", "overall_acc",
+                        "avg_tii_acc"):
                 if entry[key] is not None:
                     self.writer.add_scalar(key, entry[key], t + 1)
+            for phase, summary in entry.get("phases", {}).items():  # earlier phases and the pre-alignment result
+                for key in ("avg_acc", "avg_tii_acc"):
+                    self.writer.add_scalar(f"{phase}/{key}", summary[key], t + 1)
             self.writer.add_image("acc_matrix", _matrix_image(self.acc, t), t + 1)
             self.writer.add_text("acc_matrix", "```\n" + metrics.format_matrix(self.acc, t) + "\n```", t + 1)
             self.writer.flush()
@@ -301,10 +314,36 @@ def completed_tasks(output_dir: str | Path, num_tasks: int) -> int:
     return done
 
 
+def evaluation_summary(evaluation: dict, train_stats: dict[str, float] | None = None) -> dict[str, Any]:
+    """What results.json keeps of an evaluation that is not the run's main one (an earlier phase, pre-alignment)."""
+    return {"task_acc": evaluation["task_acc"], "avg_acc": float(np.mean(evaluation["task_acc"])),
+            "tii_acc": evaluation["tii_acc"], "avg_tii_acc": float(np.mean(evaluation["tii_acc"])),
+            **(train_stats or {})}
+
+
+def run_phase(method: ContinualMethod, phase: str, scenario: Scenario, t: int, cfg: Namespace, ctx: DistContext,
+              optimizer: torch.optim.Optimizer | None, phases: dict[str, Any]) -> tuple[Any, dict, dict]:
+    """One phase of task t: train, finish (statistics), evaluate; with task-adaptive prediction, evaluate again
+    (the first result goes to `phases` as `<phase>_pre_alignment`). Returns (optimizer, evaluation, train stats)."""
+    seed_everything(cfg.seed + t)  # each task (and phase) is reproducible on its own, so a resumed run matches
+    phase_cfg = method.set_phase(phase)
+    method.invalidate_state_cache()
+    optimizer, train_stats = train_task(method, scenario, t, phase_cfg, ctx, optimizer)
+    method.end_task(t, scenario.stats_loader(t))
+    evaluation = evaluate(method, scenario, t, cfg, ctx)
+    if method.align(t):
+        phases[f"{phase}_pre_alignment"] = evaluation_summary(evaluation)
+        before = phases[f"{phase}_pre_alignment"]
+        log(f"task {t + 1} {phase} before alignment: A_t {before['avg_acc']:.2f} | task identity "
+            f"{before['avg_tii_acc']:.2f}")
+        evaluation = evaluate(method, scenario, t, cfg, ctx)
+    return optimizer, evaluation, train_stats
+
+
 def run(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistContext) -> dict[str, Any]:
     output_dir = Path(cfg.output_dir)
     record = RunRecord(cfg, scenario, output_dir, tensorboard=cfg.tensorboard)
-    optimizer = None
+    optimizers: dict[str, Any] = {}
     start = completed_tasks(output_dir, scenario.num_tasks) if cfg.resume else 0
     if start:
         path = checkpoint_path(output_dir, start - 1)
@@ -314,22 +353,31 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistCo
         record.restore(saved["results"], start)
         log(f"resuming from {path}: tasks 1..{start} done")
         log(metrics.format_matrix(record.acc, start - 1))
-        if not cfg.reinit_optimizer and saved.get("optimizer") is not None:
-            optimizer = create_optimizer([g for g in method.begin_task(start) if g["params"]], cfg)
-            optimizer.load_state_dict(saved["optimizer"])
+        if not cfg.reinit_optimizer:
+            for phase, state in (saved.get("optimizers") or {}).items():
+                phase_cfg = method.set_phase(phase)
+                optimizers[phase] = create_optimizer([g for g in method.begin_task(start) if g["params"]], phase_cfg)
+                optimizers[phase].load_state_dict(state)
     if is_main_process():  # after the resume check, so a refused resume leaves the old run untouched
         atomic_write_json(config_to_dict(cfg), output_dir / "config.json")
     stop = scenario.num_tasks if cfg.stop_after_task is None else min(cfg.stop_after_task, scenario.num_tasks)
     try:
         for t in range(start, stop):
             log(f"=== task {t + 1}/{scenario.num_tasks}: classes {scenario.task_classes[t]}")
-            seed_everything(cfg.seed + t)  # each task is reproducible on its own, so a resumed run matches
-            optimizer, train_stats = train_task(method, scenario, t, cfg, ctx, optimizer)
-            method.end_task(t, scenario.stats_loader(t))
-            record.add(t, evaluate(method, scenario, t, cfg, ctx), train_stats)
+            phases: dict[str, Any] = {}
+            for phase in method.phases:
+                if len(method.phases) > 1:
+                    log(f"--- task {t + 1} phase {phase}")
+                optimizers[phase], evaluation, train_stats = run_phase(method, phase, scenario, t, cfg, ctx,
+                                                                       optimizers.get(phase), phases)
+                if phase != method.phases[-1]:
+                    phases[phase] = evaluation_summary(evaluation, train_stats)
+                    log(f"task {t + 1} {phase}: A_t {phases[phase]['avg_acc']:.2f} | task identity "
+                        f"{phases[phase]['avg_tii_acc']:.2f}")
+            record.add(t, evaluation, {**train_stats, **({"phases": phases} if phases else {})})
             if is_main_process():
                 atomic_torch_save({"model": method.checkpoint_state(),
-                                   "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                                   "optimizers": {k: v.state_dict() for k, v in optimizers.items() if v is not None},
                                    "task": t, "results": record.as_dict(), "config": config_to_dict(cfg)},
                                   checkpoint_path(output_dir, t))
     finally:
@@ -344,11 +392,13 @@ def evaluate_checkpoints(method: ContinualMethod, scenario: Scenario, cfg: Names
     output_dir = Path(cfg.output_dir)
     # re-evaluation must not add a second set of curves to the training run's TensorBoard events
     record = RunRecord(cfg, scenario, output_dir, filename="eval_results.json", tensorboard=False)
+    method.set_phase(method.phases[-1])
     for t in range(scenario.num_tasks):
         path = checkpoint_path(output_dir, t)
         saved = load_checkpoint(path)
         check_same_experiment(saved["config"], cfg, path)
         method.load_checkpoint_state(saved["model"], str(path))
+        method.load_task_context(t)
         log(f"=== evaluating {path}")
         record.add(t, evaluate(method, scenario, t, cfg, ctx), {})
     return record.as_dict()

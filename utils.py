@@ -118,6 +118,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (rank order); ranks may hold different numbers of rows, and nothing is padded
+    into the result, so a sharded set is reassembled with each item exactly once."""
+    if not is_dist():
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(get_world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    longest = int(max(int(s) for s in sizes))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Make every rank hold rank `src`'s values (in place)."""
+    if is_dist():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     if not is_dist():
         return obj

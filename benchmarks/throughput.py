@@ -5,7 +5,8 @@
 
 Every flag other than --steps, --warmup, --precisions and --json is a main.py flag, resolved with the subcommand's
 presets. Training is one optimizer step (autocast forward, backward, gradient clipping as in engine.py, step);
-evaluation is `method.predict` under no_grad. Data loading is excluded: the same random batch is reused. Each row
+evaluation is `method.predict` under no_grad, uncached (the first evaluation of a run; later ones reuse frozen
+features). Methods with several phases per task (HiDe-Prompt: stage 1 `tii`, stage 2 `wtp`) get rows per phase. Data loading is excluded: the same random batch is reused. Each row
 is batch / median step time over --steps timed steps, after --warmup untimed ones. `--pretrained` defaults to
 False here (the weights make no difference to speed and need the network), unless it is given explicitly.
 CPU numbers are only meaningful on an otherwise idle machine: another busy process slows the OpenMP threads many
@@ -20,11 +21,13 @@ import sys
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from timm.layers import PatchEmbed  # noqa: E402
 
 import engine  # noqa: E402
 from config import parse_args  # noqa: E402
@@ -32,6 +35,20 @@ from datasets import build_scenario  # noqa: E402
 from models import create_method  # noqa: E402
 from models.base import ContinualMethod  # noqa: E402
 from utils import UserError, atomic_write_json, maybe_autocast, resolve_device, seed_everything  # noqa: E402
+
+
+@contextmanager
+def count_vit_passes(method: torch.nn.Module) -> Iterator[list[int]]:
+    """Counts whole-batch ViT passes (plain or prompted, any ViT inside the method): each starts with a patch
+    embedding, so a hook there sees every one exactly once."""
+    passes = [0]
+    hooks = [m.register_forward_hook(lambda *_: passes.__setitem__(0, passes[0] + 1))
+             for m in method.modules() if isinstance(m, PatchEmbed)]
+    try:
+        yield passes
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _median_seconds(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
@@ -58,7 +75,8 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device:
     images = torch.randn(cfg.batch_size, 3, cfg.input_size, cfg.input_size, device=device)
     targets = torch.tensor(classes, device=device)[torch.randint(len(classes), (cfg.batch_size,), device=device)]
     row: dict[str, Any] = {"precision": precision, "train_images_per_second": None,
-                           "backbone_forwards_per_image": None, "eval_images_per_second": None}
+                           "train_vit_passes_per_image": None, "eval_images_per_second": None,
+                           "eval_vit_passes_per_image": None}
 
     param_groups = [g for g in method.begin_task(0) if g["params"]]
     if method.trains and param_groups:
@@ -71,26 +89,22 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device:
                 loss, _ = method(images, targets, 0)
             engine.optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad)
 
-        calls = [0]
-        backbone = getattr(method, "backbone", None)
-        hook = backbone.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) if backbone else None
         method.train()
-        seconds = _median_seconds(train_step, steps, warmup, device)
-        if hook is not None:
-            hook.remove()
-            row["backbone_forwards_per_image"] = calls[0] / (steps + warmup)  # each call sees the whole batch
+        with count_vit_passes(method) as passes:
+            seconds = _median_seconds(train_step, steps, warmup, device)
+        row["train_vit_passes_per_image"] = passes[0] / (steps + warmup)
         row["train_images_per_second"] = cfg.batch_size / seconds
         optimizer.zero_grad(set_to_none=True)
 
     method.eval()
-    method.end_task(0, [(images, targets)])  # class statistics for ncm; a no-op for the others
-
     @torch.no_grad()
     def eval_step() -> None:
         with maybe_autocast(device, precision):
             method.predict(images)
 
-    row["eval_images_per_second"] = cfg.batch_size / _median_seconds(eval_step, steps, warmup, device)
+    with count_vit_passes(method) as passes:
+        row["eval_images_per_second"] = cfg.batch_size / _median_seconds(eval_step, steps, warmup, device)
+    row["eval_vit_passes_per_image"] = passes[0] / (steps + warmup)
     return row
 
 
@@ -98,9 +112,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def num(value: float | None, fmt: str = "{:.1f}") -> str:
         return "-" if value is None else fmt.format(value)
 
-    cells = [["precision", "train img/s", "eval img/s", "train fwd/img"]]
-    cells += [[r["precision"], num(r["train_images_per_second"]), num(r["eval_images_per_second"]),
-               num(r["backbone_forwards_per_image"], "{:g}")] for r in rows]
+    cells = [["phase", "precision", "train img/s", "eval img/s", "ViT passes/img train", "eval"]]
+    cells += [[r["phase"], r["precision"], num(r["train_images_per_second"]), num(r["eval_images_per_second"]),
+               num(r["train_vit_passes_per_image"], "{:g}"), num(r["eval_vit_passes_per_image"], "{:g}")]
+              for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -125,8 +140,12 @@ def _run(args: Namespace, rest: list[str]) -> int:
               f"device {device} | threads {torch.get_num_threads()} | torch {torch.__version__} | "
               f"median of {args.steps} steps after {args.warmup} warm-up | load avg {os.getloadavg()[0]:.2f}")
     print(header, flush=True)
-    rows = [measure(method, scenario.task_classes[0], cfg, device, precision, args.steps, args.warmup)
-            for precision in args.precisions]
+    rows = []
+    for phase in method.phases:  # e.g. HiDe-Prompt's stage 1 (tii) and stage 2 (wtp)
+        phase_cfg = method.set_phase(phase)
+        for precision in args.precisions:
+            row = measure(method, scenario.task_classes[0], phase_cfg, device, precision, args.steps, args.warmup)
+            rows.append({"phase": phase, **row})
     print(format_table(rows), flush=True)
     if args.json is not None:
         atomic_write_json({"subcommand": cfg.subcommand, "model": cfg.model, "input_size": cfg.input_size,

@@ -7,6 +7,7 @@ from datasets.scenario import Scenario
 
 from .base import ContinualMethod
 from .finetune import Finetune
+from .hideprompt import HiDePrompt
 from .fix import Fix
 from .joint import Joint
 from .linear import Linear
@@ -22,6 +23,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "l2p": PromptPoolMethod,         # the three prompt-pool methods differ only in their presets (config.py)
     "dualprompt": PromptPoolMethod,
     "sprompt": PromptPoolMethod,
+    "hideprompt": HiDePrompt,
 }
 
 

@@ -29,6 +29,7 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
 class ContinualMethod(nn.Module):
     """Subclasses set `checkpoint_prefixes` (the state they train, the only state saved) and implement the hooks."""
 
+    phases: tuple[str, ...] = ("train",)  # per task, the engine trains, finishes and evaluates each phase in turn
     trains: bool = True                  # False: no gradient steps at all (e.g. nearest class mean)
     find_unused_parameters: bool = False  # for DDP, when a step leaves some trainable parameters unused
     num_tasks_override: int | None = None
@@ -41,25 +42,48 @@ class ContinualMethod(nn.Module):
         self.num_classes = scenario.num_classes
         self.register_buffer("_task_masks", torch.stack([scenario.class_mask(t) for t in range(scenario.num_tasks)]),
                              persistent=False)
-        self._feature_cache: dict[tuple, torch.Tensor] = {}
+        self._run_cache: dict[tuple, torch.Tensor] = {}    # outputs of models frozen for the whole run
+        self._state_cache: dict[tuple, torch.Tensor] = {}  # outputs valid until the trained state changes
+
+    def cached(self, name: str, batch_key: tuple | None, compute: Callable[[], torch.Tensor],
+               until_state_changes: bool = False) -> torch.Tensor:
+        """`compute()`, remembered under `batch_key` when one is given. The engine gives keys for batches of
+        deterministic loaders (the same images in the same order every time): the result is then computed once and
+        reused, for the whole run, or (`until_state_changes`) until `invalidate_state_cache` (the engine calls it
+        before each training phase and after loading a checkpoint)."""
+        if batch_key is None:
+            return compute()
+        cache = self._state_cache if until_state_changes else self._run_cache
+        key = (name, *batch_key)
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
+
+    def invalidate_state_cache(self) -> None:
+        self._state_cache.clear()
 
     @torch.no_grad()
     def frozen_forward(self, name: str, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                        batch_key: tuple | None) -> torch.Tensor:
-        """`model(images)` for a model that stays frozen for the whole run. With a `batch_key` (the engine gives one
-        for deterministic loaders: same images in the same order every time) the result is computed once per run
-        and reused, e.g. the test set's query features, evaluated after every task."""
-        if batch_key is None:
-            return model(images)
-        key = (name, *batch_key)
-        if key not in self._feature_cache:
-            self._feature_cache[key] = model(images)
-        return self._feature_cache[key]
+        """`model(images)` for a model that stays frozen for the whole run, computed once per batch key (e.g. the
+        test set's query features, used after every task)."""
+        return self.cached(name, batch_key, lambda: model(images))
+
+    @classmethod
+    def finalize_config(cls, cfg: Namespace) -> None:
+        """Method-specific checks and derived values, at parse time (before anything runs)."""
 
     def train_mask(self, t: int) -> torch.Tensor | None:
         return self._task_masks[t] if self.cfg.train_mask else None
 
     # --- hooks called by engine.py -----------------------------------------------------------------------------
+    def set_phase(self, phase: str) -> Namespace:
+        """Enter one of `phases`; returns the config that phase trains with (the run's, unless it differs)."""
+        return self.cfg
+
+    def load_task_context(self, t: int) -> None:
+        """Before evaluating a checkpoint of task t with --eval: load anything it depends on but does not hold."""
+
     def begin_task(self, t: int) -> list[dict]:
         """Set up task t; return the optimizer's parameter groups (empty: nothing to train)."""
         return []
@@ -69,7 +93,18 @@ class ContinualMethod(nn.Module):
         raise NotImplementedError
 
     def end_task(self, t: int, stats_loader: DataLoader) -> None:
-        """After training task t (class statistics, alignment, ...)."""
+        """After training task t (class statistics, prompt momentum, ...)."""
+
+    def align(self, t: int) -> bool:
+        """After end_task and a first evaluation: task-adaptive prediction. True when it changed the model (the
+        engine then evaluates again and reports both)."""
+        return False
+
+    @torch.no_grad()
+    def predict_task(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor | None:
+        """The task each image is inferred to belong to, for methods that infer it before classifying (HiDe);
+        None: the engine takes the task of the predicted class."""
+        return None
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
@@ -93,6 +128,7 @@ class ContinualMethod(nn.Module):
             k = shapes[0]
             raise UserError(f"{source}: {k} has shape {tuple(state[k].shape)}, the model needs {tuple(own[k].shape)}")
         self.load_state_dict(state, strict=False)
+        self.invalidate_state_cache()
 
 
 class BackboneHeadMethod(ContinualMethod):

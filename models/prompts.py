@@ -77,17 +77,36 @@ class PromptPool(nn.Module):
         if copy_keys and self.key is not None:
             self.key[new] = self.key[old]
 
-    def gather(self, idx: torch.Tensor, legacy_reshape: bool = False) -> torch.Tensor:
+    @property
+    def slot_dim(self) -> int:
+        return 2 if self.prefix else 1
+
+    def with_momentum(self, task: int, momentum: float) -> torch.Tensor:
+        """The pool with slot `task` replaced by (1 - m) * slot + m * mean of the earlier slots (detached): the
+        prompt HiDe trains with prompt momentum (top_k 1, slot t = task t). Gradients reach slot t only."""
+        slots = self.prompt.unbind(self.slot_dim)
+        earlier = torch.stack(slots[:task], self.slot_dim).detach().mean(self.slot_dim)
+        mixed = (1 - momentum) * slots[task] + momentum * earlier
+        return torch.stack([*slots[:task], mixed, *slots[task + 1:]], self.slot_dim)
+
+    @torch.no_grad()
+    def apply_momentum(self, task: int, momentum: float) -> None:
+        """After training task t: store the momentum-mixed slot, so evaluation uses the prompt that was trained."""
+        self.prompt.copy_(self.with_momentum(task, momentum))
+
+    def gather(self, idx: torch.Tensor, legacy_reshape: bool = False, pool: torch.Tensor | None = None) -> torch.Tensor:
         """The chosen slots per sample, top_k slots joined along the token axis.
 
         Prefix: (layers, B, 2, top_k*length, heads, head_dim). Prompt tuning: (layers, B, top_k*length, dim).
         `legacy_reshape` reproduces the reference's reshape without permute (spec Q1), which mixes key/value halves
-        and samples; only for matching its published numbers.
+        and samples; only for matching its published numbers. `pool` replaces the stored slots (e.g. a slot mixed
+        with the earlier ones by prompt momentum).
         """
         batch = idx.shape[0]
+        pool = self.prompt if pool is None else pool
         if not self.prefix:
-            return self.prompt[:, idx].reshape(self.num_layers, batch, self.top_k * self.length, -1)
-        chosen = self.prompt[:, :, idx]  # (layers, 2, B, top_k, length, heads, head_dim)
+            return pool[:, idx].reshape(self.num_layers, batch, self.top_k * self.length, -1)
+        chosen = pool[:, :, idx]  # (layers, 2, B, top_k, length, heads, head_dim)
         if not legacy_reshape:
             chosen = chosen.permute(0, 2, 1, 3, 4, 5, 6)
         return chosen.reshape(self.num_layers, batch, 2, self.top_k * self.length, *chosen.shape[-2:])

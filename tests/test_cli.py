@@ -137,3 +137,10 @@ def test_optimizer_and_scheduler_follow_the_reference():
         parse_args(["cifar100_linear", "--sched", "wobble"])
     with pytest.raises(UserError, match="unknown --opt 'adamm'"):
         parse_args(["cifar100_linear", "--opt", "adamm"])
+
+
+def test_the_baselines_script_launches_every_baseline_per_seed(tmp_path):
+    from conftest import script_commands
+    commands = script_commands("train_cifar100_baselines.sh", tmp_path=tmp_path, env={"SEEDS": "1"})
+    assert [c[0] for c in commands] == [f"cifar100_{m}" for m in ("ncm", "linear", "fix", "finetune", "joint")]
+    assert all(parse_args(c).output_dir == f"./output/{c[0]}_seed1" for c in commands)

@@ -152,3 +152,70 @@ def test_new_benchmarks_run_end_to_end_with_prompt_methods(tmp_path):
     results = read_json(out / "results.json")
     assert results["completed_tasks"] == 5
     assert results["task_classes"][1] == list(range(10, 20))  # MNIST's labels, offset by 10
+
+
+# The reference README's command lines for these methods, as `main.py` receives them under
+# `python -m torch.distributed.launch --nproc_per_node=8 --master_port='29503' --use_env main.py ...`
+REFERENCE_COMMANDS = {
+    "cifar100_l2p": "cifar100_l2p --model vit_base_patch16_224 --original_model vit_base_patch16_224 --batch-size 24 "
+                    "--data-path ./datasets --output_dir ./output --seed 42 --epochs 5",
+    "cifar100_sprompt": "cifar100_sprompt_5e --model vit_base_patch16_224 --original_model vit_base_patch16_224 "
+                        "--batch-size 24 --data-path ./datasets --output_dir ./output --seed 42 --epochs 40",
+    "cifar100_dualprompt": "cifar100_dualprompt --model vit_base_patch16_224 --original_model vit_base_patch16_224 "
+                           "--batch-size 24 --data-path ./datasets --output_dir ./output --seed 42 --epochs 40",
+}
+
+
+@pytest.mark.parametrize("subcommand", sorted(REFERENCE_COMMANDS))
+def test_the_reference_readme_command_lines_parse(subcommand):
+    cfg = parse_args(REFERENCE_COMMANDS[subcommand].split())
+    assert (cfg.subcommand, cfg.batch_size, cfg.data_path, cfg.seed) == (subcommand, 24, "./datasets", 42)
+    assert cfg.epochs == (5 if subcommand == "cifar100_l2p" else 40) and cfg.no_effect_flags == []
+
+
+def test_every_flag_of_the_reference_prompt_configs_parses_and_the_unread_ones_warn_once(tmp_path, capsys):
+    # the flags of configs/{cifar100,imr,cub,five_datasets}_{l2p,dualprompt,sprompt_5e}.py with values as written
+    # there; those this suite has no use for warn once each, before anything runs
+    reference_only = ["--prompt_pool", "True", "--prompt_key_init", "uniform", "--embedding_key", "cls",
+                      "--same_key_value", "False", "--head_type", "token", "--world_size", "8",
+                      "--freeze", "blocks", "patch_embed", "cls_token", "norm", "pos_embed", "--initializer",
+                      "uniform", "--predefined_key", "", "--global_pool", "token", "--separated_head", "False",
+                      "--color-jitter", "0.4", "--aa", "rand-m9-mstd0.5-inc1", "--smoothing", "0.1",
+                      "--train-interpolation", "bicubic", "--reprob", "0.0", "--remode", "pixel", "--recount", "1"]
+    read = ["--use_g_prompt", "--g_prompt_length", "5", "--g_prompt_layer_idx", "0", "1",
+            "--use_prefix_tune_for_g_prompt", "--use_e_prompt", "--e_prompt_layer_idx", "2", "3", "4",
+            "--use_prefix_tune_for_e_prompt", "--size", "10", "--length", "5", "--top_k", "1", "--prompt_key",
+            "--use_prompt_mask", "--shared_prompt_pool", "--shared_prompt_key", "False", "--batchwise_prompt",
+            "False", "--pull_constraint", "--pull_constraint_coeff", "1.0", "--dataset", "Split-Digits",
+            "--num_tasks", "5", "--train_mask", "True", "--task_inc", "False", "--pin-mem", "--dist_url", "env://",
+            "--sched", "constant", "--opt", "adam", "--opt-eps", "1e-8", "--opt-betas", "0.9", "0.999",
+            "--momentum", "0.9", "--weight-decay", "0.0", "--clip-grad", "1.0", "--reinit_optimizer", "True",
+            "--warmup-lr", "1e-6", "--min-lr", "1e-5", "--decay-epochs", "30", "--warmup-epochs", "5",
+            "--cooldown-epochs", "10", "--patience-epochs", "10", "--decay-rate", "0.1", "--unscale_lr", "True",
+            "--drop", "0.0", "--drop-path", "0.0", "--shuffle", "False", "--print_freq", "10"]
+    out = tmp_path / "run"
+    assert run_main("digits_dualprompt", *read, *reference_only, "--output_dir", str(out), "--epochs", "0",
+                    "--device", "cpu") == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "has no effect" in line]
+    expected = ["aa", "color_jitter", "embedding_key", "freeze", "global_pool", "head_type", "initializer",
+                "predefined_key", "prompt_key_init", "prompt_pool", "recount", "remode", "reprob", "same_key_value",
+                "separated_head", "smoothing", "train_interpolation", "world_size"]
+    assert len(warnings) == len(expected) and all(f"--{flag} " in w for flag, w in zip(expected, warnings))
+    assert read_json(out / "results.json")["completed_tasks"] == 5
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "imr", "cub", "five_datasets"])
+def test_the_training_script_launches_each_method_with_the_reference_settings(tmp_path, dataset):
+    from conftest import script_commands
+    commands = script_commands("train_prompt_methods.sh", dataset, tmp_path=tmp_path,
+                               env={"NPROC": "2", "DATA_PATH": "/data", "SEEDS": "42 40"})
+    assert [c[0] for c in commands] == [f"{dataset}_{m}" for m in ("l2p", "sprompt", "dualprompt")] * 2
+    for argv in commands:
+        cfg = parse_args(argv)
+        assert (cfg.data_path, cfg.model, cfg.original_model) == ("/data", *["vit_base_patch16_224.orig_in21k"] * 2)
+        reference_epochs = {"cifar100": {"l2p": 5, "sprompt": 40, "dualprompt": 40}}.get(dataset)
+        expected_epochs = reference_epochs[cfg.method] if reference_epochs else (50 if dataset == "imr" else 5)
+        assert cfg.epochs == expected_epochs
+        assert cfg.batch_size == (16 if dataset == "five_datasets" else 24)
+        assert cfg.lr == (0.005 if dataset == "imr" else 0.03)
+        assert cfg.output_dir == f"./output/{dataset}_vit_{cfg.method}_seed{cfg.seed}"

@@ -27,7 +27,7 @@ def test_linear_reports_train_and_eval_throughput(tmp_path, capsys):
     row = _run(tmp_path, "digits_linear")
     assert row["train_images_per_second"] > 0
     assert row["eval_images_per_second"] > 0
-    assert row["backbone_forwards_per_image"] == 1
+    assert row["train_vit_passes_per_image"] == row["eval_vit_passes_per_image"] == 1
     out = capsys.readouterr().out
     assert "digits_linear" in out and "train img/s" in out
 
@@ -41,3 +41,9 @@ def test_ncm_has_no_training_row(tmp_path):
 def test_config_errors_exit_2(capsys):
     assert _throughput().main(["digits_linear", "--num_tasks", "3"]) == 2
     assert capsys.readouterr().err.startswith("error: --num_tasks 3")
+
+
+def test_prompt_methods_count_the_query_pass_and_the_prompted_pass(tmp_path):
+    # L2P selects its prompts by key matching in training too: the query pass, then the prompted pass
+    row = _run(tmp_path, "digits_l2p")
+    assert row["train_vit_passes_per_image"] == row["eval_vit_passes_per_image"] == 2

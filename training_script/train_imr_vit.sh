@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# HiDe-Prompt, Split ImageNet-R, Sup-21K ViT-B/16 (the reference's train_imr_vit.sh): 8 x 24, seeds 42 40 44.
+#   NPROC=8 DATA_PATH=./datasets SEEDS="42 40 44" bash training_script/train_imr_vit.sh [main.py flags...]
+NPROC=${NPROC:-8}
+SEEDS=${SEEDS:-"42 40 44"}
+source "$(dirname "$0")/hideprompt_lib.sh"
+hide_two_stage imr vit_base_patch16_224.orig_in21k imr_vit imr_vit \
+  "--batch-size 24 --epochs 20 --lr 0.0005 --ca_lr 0.005 --crct_epochs 30" \
+  "--batch-size 24 --epochs 150 --ca_lr 0.005 --crct_epochs 30 --sched cosine --prompt_momentum 0.01 --reg 0.5 \
+   --length 20 --larger_prompt_lr" "$@"
