@@ -352,21 +352,25 @@ def test_a_run_loads_the_file_given_and_prints_what_the_name_resolved_to(tmp_pat
     assert config["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
-def _prompt_method(*flags: str):
-    cfg = parse_args(["digits_sprompt", "--device", "cpu", *flags])
+def _prompt_method(*flags: str, subcommand: str = "digits_sprompt"):
+    cfg = parse_args([subcommand, "--device", "cpu", *flags])
     return create_method(cfg, build_scenario(cfg.num_classes, cfg.num_tasks, False, cfg.seed, cfg.dataset))
 
 
-def test_the_query_model_shares_the_backbone_only_when_names_and_files_agree(tmp_path, source):
+@pytest.mark.parametrize("subcommand, original", [("digits_sprompt", "query_model"),
+                                                  ("digits_hideprompt", "original_vit")])
+def test_the_original_model_shares_the_backbone_only_when_names_and_files_agree(tmp_path, source, subcommand,
+                                                                                 original):
     torch.save(source.state_dict(), tmp_path / "w.pth")
     method = _prompt_method("--model", ARCH, "--original_model", "vit_tiny_patch16_224.augreg_in21k_ft_in1k",
-                            "--pretrained_checkpoint", str(tmp_path / "w.pth"))
-    assert method.query_model is method.backbone and method.cfg.original_model_checkpoint == str(tmp_path / "w.pth")
+                            "--pretrained_checkpoint", str(tmp_path / "w.pth"), subcommand=subcommand)
+    assert getattr(method, original) is method.backbone
+    assert method.cfg.original_model_checkpoint == str(tmp_path / "w.pth")
     assert same_outputs(method.backbone, source)
     method = _prompt_method("--model", ARCH, "--original_model", ARCH,
-                            "--original_model_checkpoint", str(tmp_path / "w.pth"))
-    assert method.query_model is not method.backbone
-    assert same_outputs(method.query_model, source) and not same_outputs(method.backbone, source)
+                            "--original_model_checkpoint", str(tmp_path / "w.pth"), subcommand=subcommand)
+    assert getattr(method, original) is not method.backbone
+    assert same_outputs(getattr(method, original), source) and not same_outputs(method.backbone, source)
 
 
 def test_moco_v3_in_a_prompt_method_trains_its_fresh_fc_norm_and_queries_before_it():
