@@ -2,7 +2,6 @@
 in that exact foreign layout (with the extra keys the real files carry), must give back the same network."""
 import argparse
 import fractions
-import json
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -392,27 +391,38 @@ def test_moco_v3_in_a_prompt_method_trains_its_fresh_fc_norm_and_queries_before_
 
 
 # --- training scripts ----------------------------------------------------------------------------------------------
-SCRIPTS = {f"train_{d}_{b}.sh": (d, b) for d in ("cifar100", "imr") for b in ("ibot21k", "ibot", "dino", "mocov3")}
-SCRIPTS.update({"train_cub_ibot21k.sh": ("cub", "ibot21k"), "train_5datasets_ibot21k.sh": ("five_datasets", "ibot21k")})
-SCRIPT_BACKBONES = {"ibot21k": "vit_base_patch16_224.ibot_in22k", "ibot": "vit_base_patch16_224.ibot_in1k",
-                    "dino": "vit_base_patch16_224.dino", "mocov3": "vit_base_patch16_224.mocov3_in1k"}
+SCRIPT_MODELS = {"ibot21k": "vit_base_patch16_224.ibot_in22k", "ibot": "vit_base_patch16_224.ibot_in1k",
+                 "dino": "vit_base_patch16_224.dino", "mocov3": "vit_base_patch16_224.mocov3_in1k"}
+SCRIPTS = [(f"train_{d}_{b}.sh", d, b) for d in ("cifar100", "imr") for b in SCRIPT_MODELS]
+SCRIPTS += [("train_cub_ibot21k.sh", "cub", "ibot21k"), ("train_5datasets_ibot21k.sh", "five_datasets", "ibot21k")]
 
 
-def test_backbone_scripts_run_both_stages_per_seed_with_names_the_table_resolves(tmp_path):
-    for script, (dataset, backbone) in SCRIPTS.items():
+def test_backbone_scripts_launch_both_stages_with_the_reference_settings(tmp_path):
+    for script, dataset, backbone in SCRIPTS:
         assert subprocess.run(["bash", "-n", f"training_script/{script}"], cwd=REPO).returncode == 0
         commands = script_commands(script, "--num_workers", "2", tmp_path=tmp_path, env={"SEEDS": "7 8"})
-        assert len(commands) == 4
-        for seed, (stage1, stage2) in zip((7, 8), (commands[:2], commands[2:])):
-            stage1_dir = f"./output/{dataset}_{backbone}_multi_centroid_mlp_2_seed{seed}"
-            assert stage1[0] == stage2[0] == f"{dataset}_hideprompt"
-            assert "--train_inference_task_only" in stage1 and stage1[stage1.index("--output_dir") + 1] == stage1_dir
-            assert stage2[stage2.index("--trained_original_model") + 1] == stage1_dir
-            for argv in (stage1, stage2):
-                model = argv[argv.index("--model") + 1]
-                assert argv[argv.index("--original_model") + 1] == model
-                assert resolve_backbone(model).name == model == SCRIPT_BACKBONES[backbone]
-                assert argv[argv.index("--seed") + 1] == str(seed) and argv[-2:] == ["--num_workers", "2"]
-    cifar = script_commands("train_cifar100_ibot21k.sh", tmp_path=tmp_path)
-    assert len(cifar) == 6  # seeds 42, 40, 44
-    assert json.dumps(cifar[1]).count("--prompt_momentum\", \"0.1") == 1
+        configs = [parse_args(argv) for argv in commands]
+        assert [c.stage for c in configs] == ["tii", "tii", "wtp", "wtp"], script
+        name = f"{dataset.replace('five_datasets', '5datasets')}_{backbone}"
+        for first, second, seed in zip(configs[:2], configs[2:], (7, 8)):
+            assert first.seed == second.seed == seed and first.num_workers == second.num_workers == 2
+            assert first.output_dir == f"./output/{name}_multi_centroid_mlp_2_seed{seed}"
+            assert second.trained_original_model == first.output_dir
+            assert second.output_dir == f"./output/{name}_pe_seed{seed}"
+            for cfg in (first, second):
+                assert cfg.subcommand == f"{dataset}_hideprompt"
+                assert cfg.model == cfg.original_model == cfg.backbone == SCRIPT_MODELS[backbone]
+        stage1, stage2 = configs[0], configs[2]
+        if dataset == "five_datasets":
+            assert (stage1.batch_size, stage1.lr, stage1.sched) == (32, 0.001, "constant")
+            assert (stage2.lr, stage2.clip_grad, stage2.reg, stage2.prompt_momentum) == (0.03, 2.0, 0.1, 0.01)
+        else:
+            assert (stage1.batch_size, stage1.epochs, stage1.lr, stage1.ca_lr, stage1.crct_epochs) == (
+                24, 20, 0.0005, 0.005, 30)
+            expected = {"cifar100": (20, 5, 0.1, 0.1, "step"), "imr": (50, 20, 0.5, 0.01, "constant"),
+                        "cub": (50, 20, 0.01, 0.01, "step")}[dataset]
+            assert (stage2.epochs, stage2.length, stage2.reg, stage2.prompt_momentum, stage2.sched) == expected
+        assert stage2.larger_prompt_lr
+    default_seeds = {s: len(script_commands(s, tmp_path=tmp_path)) // 2 for s in
+                     ("train_cifar100_dino.sh", "train_cub_ibot21k.sh", "train_5datasets_ibot21k.sh")}
+    assert default_seeds == {"train_cifar100_dino.sh": 3, "train_cub_ibot21k.sh": 1, "train_5datasets_ibot21k.sh": 3}
