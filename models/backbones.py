@@ -22,11 +22,14 @@ import re
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from utils import UserError, warn
+
+if TYPE_CHECKING:  # timm is imported where a model is built, so that --list_backbones does not pay for it
+    from timm.models.vision_transformer import VisionTransformer
 
 CHECKPOINTS_DIR = Path("checkpoints")  # relative to the working directory, as in the reference
 
@@ -346,7 +349,7 @@ def _listing(keys: list[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _fit_pos_embed(pos: torch.Tensor, model: Any, tensors: Tensors) -> tuple[torch.Tensor, str | None]:
+def _fit_pos_embed(pos: torch.Tensor, model: VisionTransformer, tensors: Tensors) -> tuple[torch.Tensor, str | None]:
     """The file's position embedding for the model's grid and prefix tokens, with timm's resampling.
 
     The file's own prefix positions are what is left over after a square grid. Extra ones (a [CLS] position the
@@ -392,8 +395,8 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def load_weights_file(model: Any, path: Path, backbone: Backbone) -> LoadReport:
-    """Load `path` into `model` (a timm VisionTransformer), or raise a UserError naming every key that does not fit:
+def load_weights_file(model: VisionTransformer, path: Path, backbone: Backbone) -> LoadReport:
+    """Load `path` into `model`, or raise a UserError naming every key that does not fit:
     missing from the file, unknown to the model, or of another shape."""
     tensors, layout, dropped = read_weights(path)
     tensors = _strip_wrappers(tensors)
@@ -422,11 +425,11 @@ def load_weights_file(model: Any, path: Path, backbone: Backbone) -> LoadReport:
 
 
 def build_backbone(backbone: Backbone, pretrained: bool, input_size: int, drop: float = 0.0, drop_path: float = 0.0,
-                   checkpoint: str | None = None) -> Any:
+                   checkpoint: str | None = None) -> VisionTransformer:
     """A timm VisionTransformer with no classifier (`num_classes=0`) carrying `backbone`'s weights: from
     `checkpoint`, else from a file in checkpoints/, else from timm's hub; random with `pretrained` False and no
     `checkpoint`. Sets `model.weights_summary` (the line the run prints) and `model.fresh_keys` (parameters no
-    checkpoint supplies, trained by the methods that train anything on top of the frozen backbone)."""
+    checkpoint supplies, which `vit.freeze_pretrained` leaves trainable)."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
