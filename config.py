@@ -87,9 +87,10 @@ NO_EFFECT_FLAGS = {*NEVER_READ_FLAGS, "freeze", "head_type", "world_size", "prom
 
 SCHEDULERS = ("constant", "step", "cosine", "tanh", "multistep", "poly", "plateau")
 
-# Keys that define the experiment: a resume with any of them changed is refused.
-EXPERIMENT_KEYS = ("dataset", "method", "stage", "model", "num_tasks", "class_order", "input_size", "pretrained",
-                   "seed")
+# Keys that define the experiment: a resume with any of them changed is refused. Backbones count by the table name
+# they resolve to, so an alias and its name are the same experiment.
+EXPERIMENT_KEYS = ("dataset", "method", "stage", "backbone", "pretrained_checkpoint", "original_backbone",
+                   "original_model_checkpoint", "num_tasks", "class_order", "input_size", "pretrained", "seed")
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
@@ -142,13 +143,21 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                    help="mixed precision; auto = bf16 on CUDA and on CPUs with native bf16, else fp32; "
                         "fp16 needs CUDA; none for fp32 parity with the reference")
 
-    g = parser.add_argument_group("model")
-    # `.orig_in21k` pins the original Google ImageNet-21k ViT-B/16 of the prompt papers; timm's bare name would
-    # load its AugReg in21k->in1k fine-tuned weights instead
-    g.add_argument("--model", default="vit_base_patch16_224.orig_in21k", help="any timm ViT name (with weight tag)")
+    g = parser.add_argument_group("model (python main.py --list_backbones shows the names)")
+    # `.orig_in21k` pins the original Google ImageNet-21k ViT-B/16 of the prompt papers, which the reference's name
+    # vit_base_patch16_224 (an alias here) meant in its prompt code
+    g.add_argument("--model", default="vit_base_patch16_224.orig_in21k",
+                   help="a backbone table name, a reference alias or any timm ViT name")
     g.add_argument("--original_model", default="vit_base_patch16_224.orig_in21k",
                    help="query / task-identity model")
-    _bool(g, "--pretrained", default=True, help="load timm's pretrained weights (needs the network or the cache)")
+    _bool(g, "--pretrained", default=True,
+          help="load the name's pre-trained weights (a file in ./checkpoints, else timm's hub)")
+    g.add_argument("--pretrained_checkpoint", metavar="PATH", default=None,
+                   help="weight file for --model (.npz, .pth, .pt, .pth.tar, .safetensors; layout detected), and "
+                        "for --original_model when it names the same backbone")
+    g.add_argument("--original_model_checkpoint", metavar="PATH", default=None,
+                   help="weight file for --original_model (default: --pretrained_checkpoint when both name the "
+                        "same backbone, else the name's own weights)")
     g.add_argument("--input-size", "--input_size", dest="input_size", type=int, default=224)
     g.add_argument("--drop", type=float, default=0.0)
     g.add_argument("--drop-path", "--drop_path", dest="drop_path", type=float, default=0.0)
@@ -258,7 +267,8 @@ def _split_subcommand(argv: Sequence[str]) -> tuple[str | None, list[str]]:
 def _top_level_help() -> str:
     datasets = ", ".join(f"{k} ({v['dataset']})" for k, v in DATASET_PRESETS.items())
     return (
-        "usage: main.py <dataset>_<method> [flags]      (main.py <subcommand> --help lists the flags)\n\n"
+        "usage: main.py <dataset>_<method> [flags]      (main.py <subcommand> --help lists the flags)\n"
+        "       main.py --list_backbones                 (the backbone names, their weights and files)\n\n"
         f"datasets: {datasets}\nmethods:  {', '.join(METHOD_PRESETS)}\n\nsubcommands:\n  "
         + "\n  ".join(SUBCOMMANDS)
     )
@@ -298,6 +308,10 @@ def _explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Resolve the config; exits with a one-line error on bad input (argparse's own convention, exit code 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--list_backbones" in argv:
+        from models.backbones import format_backbone_table
+        print(format_backbone_table())
+        raise SystemExit(0)
     subcommand, rest = _split_subcommand(argv)
     subcommand = SUBCOMMAND_ALIASES.get(subcommand, subcommand)
     if subcommand is None:
@@ -347,8 +361,27 @@ def finalize(cfg: argparse.Namespace) -> argparse.Namespace:
     cfg.effective_lr = cfg.lr * (cfg.batch_size if cfg.unscale_lr else cfg.global_batch_size) / 256.0
     METHODS[cfg.method].finalize_config(cfg)
     method_flags = {"original_model", *PROMPT_FLAGS, *HIDE_FLAGS} - METHODS[cfg.method].reads_flags
+    if "original_model" in method_flags:
+        method_flags.add("original_model_checkpoint")
     cfg.no_effect_flags = sorted(explicit & (NO_EFFECT_FLAGS | method_flags))
+    _resolve_backbones(cfg, explicit, reads_original="original_model" not in method_flags)
     return cfg
+
+
+def _resolve_backbones(cfg: argparse.Namespace, explicit: set[str], reads_original: bool) -> None:
+    """The table names --model and --original_model stand for, and which weight file each loads."""
+    from models.backbones import resolve_backbone
+
+    if cfg.pretrained_checkpoint:
+        if "pretrained" in explicit and not cfg.pretrained:
+            raise UserError("--pretrained False contradicts --pretrained_checkpoint; drop one of them")
+        cfg.pretrained = True  # a weight file is pre-trained weights, whatever the dataset preset says
+    cfg.backbone = resolve_backbone(cfg.model, "--model").name
+    cfg.original_backbone = resolve_backbone(cfg.original_model, "--original_model").name if reads_original else None
+    if not reads_original:
+        cfg.original_model_checkpoint = None
+    elif cfg.original_model_checkpoint is None and cfg.original_backbone == cfg.backbone:
+        cfg.original_model_checkpoint = cfg.pretrained_checkpoint
 
 
 def config_to_dict(cfg: argparse.Namespace) -> dict[str, Any]:

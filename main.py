@@ -36,6 +36,18 @@ def check_output_dir(cfg: Namespace, num_tasks: int) -> None:
         raise UserError(f"--output_dir {out} is not writable ({existing} does not allow it); choose another folder")
 
 
+def check_weight_files(cfg: Namespace) -> None:
+    """Every weight file the backbones will load exists (a self-supervised name needs its file in checkpoints/)."""
+    from models.backbones import resolve_backbone, weights_file
+
+    models = [(cfg.model, cfg.pretrained_checkpoint, "--model")]
+    if cfg.original_backbone is not None:
+        models.append((cfg.original_model, cfg.original_model_checkpoint, "--original_model"))
+    for name, checkpoint, flag in models:
+        if cfg.pretrained or checkpoint:
+            weights_file(resolve_backbone(name, flag), checkpoint)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from config import config_json, parse_args
 
@@ -67,8 +79,9 @@ def _run(cfg: Namespace) -> int:
     cfg.world_size = ctx.world_size
     for flag in cfg.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
-    # the class split is checked before any data is read, so a bad --num_tasks fails in a second
+    # the class split and the weight files are checked before any data is read, so these fail in a second
     build_scenario(cfg.num_classes, cfg.num_tasks, cfg.shuffle, cfg.seed, cfg.dataset)
+    check_weight_files(cfg)
     check_output_dir(cfg, cfg.num_tasks)
     barrier()  # every rank has looked at output_dir before rank 0 writes into it
 
@@ -83,13 +96,10 @@ def _run(cfg: Namespace) -> int:
     method = create_method(cfg, scenario).to(ctx.device)
 
     log(f"config: {config_to_dict(cfg)}")
-    backbone = getattr(method, "backbone", None)
-    if backbone is not None:
-        weights = backbone.pretrained_cfg.get("hf_hub_id") or backbone.pretrained_cfg.get("url") or "?"
-        log(f"backbone: {cfg.model} -> {backbone.pretrained_cfg.get('architecture')}."
-            f"{backbone.pretrained_cfg.get('tag')}, " + (f"pretrained weights {weights}" if cfg.pretrained
-                                                        else "random initialisation (--pretrained False)")
-            + f", {sum(p.numel() for p in backbone.parameters()) / 1e6:.1f}M parameters")
+    for role, module in method.named_children():  # the backbone, and a query/original model of its own if any
+        if hasattr(module, "weights_summary"):
+            log(f"{role}: {module.weights_summary}, {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M "
+                f"parameters")
     log(f"{cfg.subcommand}: {scenario.num_tasks} tasks x {len(scenario.task_classes[0])} classes | device "
         f"{ctx.device} | {ctx.world_size} process(es) x batch {cfg.batch_size} = global batch "
         f"{cfg.global_batch_size} | effective LR {cfg.effective_lr:.6g} = {cfg.lr:g} x "

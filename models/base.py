@@ -63,7 +63,8 @@ class ContinualMethod(nn.Module):
         self._state_cache.clear()
 
     @torch.no_grad()
-    def frozen_forward(self, name: str, model: nn.Module, images: torch.Tensor, batch_key: tuple | None) -> torch.Tensor:
+    def frozen_forward(self, name: str, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                       batch_key: tuple | None) -> torch.Tensor:
         """`model(images)` for a model that stays frozen for the whole run, computed once per batch key (e.g. the
         test set's query features, used after every task)."""
         return self.cached(name, batch_key, lambda: model(images))
@@ -137,7 +138,8 @@ class BackboneHeadMethod(ContinualMethod):
 
     def __init__(self, cfg: Namespace, scenario: Scenario):
         super().__init__(cfg, scenario)
-        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path)
+        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
+                                        checkpoint=cfg.pretrained_checkpoint)
         self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)

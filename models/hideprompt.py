@@ -30,8 +30,8 @@ from .prompts import PromptPool, batch_majority
 from .vit import check_promptable, create_backbone, forward_prompted, freeze
 
 # a stage-1 run that stage 2 reads must agree with it on these (the TII model's input, structure and classes)
-STAGE1_KEYS = ("dataset", "original_model", "original_model_mlp_structure", "num_tasks", "class_order",
-               "input_size", "pretrained")
+STAGE1_KEYS = ("dataset", "original_backbone", "original_model_checkpoint", "original_model_mlp_structure",
+               "num_tasks", "class_order", "input_size", "pretrained")
 
 
 def stage1_checkpoint(directory: str, t: int) -> Path:
@@ -76,7 +76,8 @@ class HiDePrompt(ContinualMethod):
         self.phases = {"tii": ("tii",), "wtp": ("wtp",), "both": ("tii", "wtp")}[cfg.stage]
         self.task_classes = scenario.task_classes
         self.register_buffer("class_to_task", scenario.class_to_task, persistent=False)
-        self.original_vit = create_backbone(cfg.original_model, cfg.pretrained, cfg.input_size)
+        self.original_vit = create_backbone(cfg.original_model, cfg.pretrained, cfg.input_size,
+                                            checkpoint=cfg.original_model_checkpoint, flag="--original_model")
         freeze(self.original_vit)
         dim = self.original_vit.num_features
         # each trained part starts from its own seed, so the parts a stage builds do not depend on the other stage
@@ -100,9 +101,10 @@ class HiDePrompt(ContinualMethod):
                 and cfg.shared_prompt_pool):
             raise UserError("HiDe-Prompt's prompts are prefix E-prompts, slot t trained on task t from slot t-1: keep "
                             "--use_e_prompt, --use_prefix_tune_for_e_prompt, --use_prompt_mask, --shared_prompt_pool")
-        same = cfg.model == cfg.original_model
+        same = (cfg.backbone, cfg.pretrained_checkpoint) == (cfg.original_backbone, cfg.original_model_checkpoint)
         self.backbone = (self.original_vit if same
-                         else create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path))
+                         else create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
+                                              checkpoint=cfg.pretrained_checkpoint))
         check_promptable(self.backbone)
         freeze(self.backbone)
         self.e_layers = list(cfg.e_prompt_layer_idx)

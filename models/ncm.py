@@ -21,7 +21,8 @@ class NCM(ContinualMethod):
 
     def __init__(self, cfg: Namespace, scenario: Scenario):
         super().__init__(cfg, scenario)
-        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size)
+        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size,
+                                        checkpoint=cfg.pretrained_checkpoint)
         freeze(self.backbone)
         # sums and counts, not means: they add up exactly across ranks and tasks
         self.register_buffer("class_sums", torch.zeros(scenario.num_classes, self.backbone.num_features,

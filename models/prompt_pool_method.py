@@ -22,7 +22,7 @@ from utils import UserError, warn
 
 from .base import ContinualMethod, masked_cross_entropy
 from .prompts import PromptPool
-from .vit import check_promptable, create_backbone, forward_prompted, freeze
+from .vit import check_promptable, create_backbone, forward_prompted, freeze, freeze_pretrained, pretrained_features
 
 
 class PromptPoolMethod(ContinualMethod):
@@ -32,13 +32,20 @@ class PromptPoolMethod(ContinualMethod):
 
     def __init__(self, cfg: Namespace, scenario: Scenario):
         super().__init__(cfg, scenario)
-        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path)
+        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
+                                        checkpoint=cfg.pretrained_checkpoint)
         check_promptable(self.backbone)
-        freeze(self.backbone)
-        # the query model is the same frozen ViT when the names agree: one copy in memory, identical weights
-        self.query_model = (self.backbone if cfg.original_model == cfg.model
-                            else create_backbone(cfg.original_model, cfg.pretrained, cfg.input_size))
-        freeze(self.query_model)
+        freeze_pretrained(self.backbone)
+        # a fresh fc_norm (MoCo v3) trains with the prompts, as in the reference, so it is saved with them
+        self.checkpoint_prefixes = type(self).checkpoint_prefixes + tuple(f"backbone.{k}"
+                                                                         for k in self.backbone.fresh_keys)
+        # the query model is the same ViT when names and weight files agree: one copy in memory, identical weights
+        if (cfg.original_backbone, cfg.original_model_checkpoint) == (cfg.backbone, cfg.pretrained_checkpoint):
+            self.query_model = self.backbone
+        else:
+            self.query_model = create_backbone(cfg.original_model, cfg.pretrained, cfg.input_size,
+                                               checkpoint=cfg.original_model_checkpoint, flag="--original_model")
+            freeze(self.query_model)
         dim, heads = self.backbone.embed_dim, self.backbone.blocks[0].attn.num_heads
         self._check_config(cfg, scenario)
         self.e_layers = list(cfg.e_prompt_layer_idx) if cfg.use_e_prompt else []
@@ -73,7 +80,7 @@ class PromptPoolMethod(ContinualMethod):
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def _query(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
-        return self.frozen_forward("query", self.query_model, images, batch_key)
+        return self.frozen_forward("query", lambda x: pretrained_features(self.query_model, x), images, batch_key)
 
     def _needs_query_in_training(self) -> bool:
         """With the prompt mask the slot is task t's; the query then only feeds the pull constraint."""

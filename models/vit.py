@@ -8,9 +8,6 @@ which leave the sequence length unchanged. Attention always runs through
 """
 from __future__ import annotations
 
-import difflib
-
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,37 +15,35 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from utils import UserError
 
-
-def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name.split(".")[0], timm.list_models("vit_*"), n=3)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
+from .backbones import build_backbone, resolve_backbone
 
 
-def create_backbone(name: str, pretrained: bool, input_size: int, drop: float = 0.0,
-                    drop_path: float = 0.0) -> VisionTransformer:
-    """A timm ViT with no classifier (`num_classes=0`), so its output is the pooled, normalised feature."""
-    if not timm.is_model(name):
-        raise UserError(f"unknown --model {name!r}{_suggest(name)}; any timm ViT name works, "
-                        f"see `python -c \"import timm; print(timm.list_models('vit_*'))\"`")
-    try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=input_size,
-                                  drop_rate=drop, drop_path_rate=drop_path)
-    except (OSError, RuntimeError) as err:
-        if not pretrained:
-            raise
-        raise UserError(f"could not load the pretrained weights of {name} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:160]}); with no network, put the file in the Hugging Face "
-                        f"hub cache (HF_HOME) or run with --pretrained False") from err
-    except TypeError as err:
-        raise UserError(f"--model {name} is not a VisionTransformer this suite can drive ({err})") from err
-    if not isinstance(model, VisionTransformer):
-        raise UserError(f"--model {name} is a {type(model).__name__}, not a timm VisionTransformer")
-    return model
+def create_backbone(name: str, pretrained: bool, input_size: int, drop: float = 0.0, drop_path: float = 0.0,
+                    checkpoint: str | None = None, flag: str = "--model") -> VisionTransformer:
+    """The backbone a name of the table in `models/backbones.py` (or any timm ViT name) stands for, with no
+    classifier (`num_classes=0`), so its output is the pooled, normalised feature. `checkpoint` is a weight file
+    that replaces the name's own weights; `flag` names the option the name came from, for errors."""
+    return build_backbone(resolve_backbone(name, flag), pretrained, input_size, drop, drop_path, checkpoint)
 
 
 def freeze(module: nn.Module, frozen: bool = True) -> None:
     for param in module.parameters():
         param.requires_grad_(not frozen)
+
+
+def freeze_pretrained(model: VisionTransformer) -> None:
+    """Freeze every pre-trained weight; parameters no checkpoint supplies (MoCo v3's fresh fc_norm, see
+    `Backbone.fresh_fc_norm`) stay trainable, as in the reference."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in model.fresh_keys)
+
+
+def pretrained_features(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """The pooled feature of the pre-trained network alone, before a fresh fc_norm: the reference's query
+    (`pre_logits`) skips that norm too. Without one this is `model(images)`."""
+    if model.fresh_keys:
+        return model.pool(model.forward_features(images))
+    return model(images)
 
 
 def prefix_attention(attn: Attention, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
