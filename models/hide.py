@@ -49,6 +49,7 @@ def stage1_checkpoint(directory: str, t: int) -> Path:
 class HiDeMethod(ContinualMethod):
     slots_name = ""  # the attribute (and checkpoint prefix) of the per-task instruction slots
     display_name, slot_kind = "", ""  # in messages: "HiDe-Prompt", "prompt slot"
+    tii_clip_grad: float | None = None  # stage 1's clipping in --stage both, when it is not the run's
 
     @classmethod
     def finalize_config(cls, cfg: Namespace) -> None:
@@ -172,7 +173,8 @@ class HiDeMethod(ContinualMethod):
         try:
             self.tii.load_state_dict(state)
         except RuntimeError as err:
-            raise UserError(f"{path}: its TII model does not fit this one ({str(err).splitlines()[0]})") from err
+            detail = " ".join(str(err).split())[:300]  # the keys at fault, on the one line an error gets
+            raise UserError(f"{path}: its TII model does not fit this one ({detail})") from err
         self.task = t
 
     def load_task_context(self, t: int) -> None:
@@ -187,6 +189,7 @@ class HiDeMethod(ContinualMethod):
         if phase == "tii" and self.stage == "both":
             cfg = Namespace(**vars(self.cfg))
             cfg.epochs, cfg.lr, cfg.sched = self.cfg.tii_epochs, self.cfg.tii_lr, "constant"
+            cfg.clip_grad = self.tii_clip_grad or self.cfg.clip_grad
             cfg.effective_lr = self.cfg.effective_lr * self.cfg.tii_lr / self.cfg.lr
             return cfg
         return self.cfg

@@ -18,6 +18,8 @@ LORA_READS_FLAGS = frozenset({"lora_type", "lora_rank", "lora_depth", "lora_init
 class HiDeLoRA(HiDeMethod):
     slots_name, display_name, slot_kind = "lora", "HiDe-LoRA", "LoRA slot"
     reads_flags = HIDE_READS_FLAGS | LORA_READS_FLAGS | {"lora_momentum"}
+    # the reference trains HiDe-LoRA's stage 1 with HiDe-Prompt's config, which clips at 1.0 (its LoRA configs: 2.0)
+    tii_clip_grad = 1.0
 
     @classmethod
     def finalize_config(cls, cfg: Namespace) -> None:
