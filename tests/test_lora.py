@@ -10,6 +10,7 @@ import torch
 
 from config import parse_args
 from conftest import read_json, run_cli, run_main, script_commands
+from test_hideprompt import _fails
 from models.lora import LoraPool
 from models.vit import block_forward, forward_prompted
 from utils import UserError
@@ -136,13 +137,12 @@ def test_only_the_lora_and_the_head_change_in_training(subcommand, task):
 def runs(tmp_path_factory):
     """Continual LoRA; HiDe-LoRA's stage 1 (HiDe-Prompt's), its stage 2, and the one-command run."""
     root = tmp_path_factory.mktemp("lora")
-    assert run_main("digits_continual_lora", "--output_dir", str(root / "continual"), *FAST) == 0
-    assert run_main("digits_hideprompt", "--train_inference_task_only", "--output_dir", str(root / "tii"),
-                    *HIDE_FAST, "--lr", "0.01") == 0
-    assert run_main("digits_hidelora", "--trained_original_model", str(root / "tii"), "--output_dir",
-                    str(root / "wtp"), *HIDE_FAST) == 0
-    assert run_main("digits_hidelora", "--output_dir", str(root / "both"), *HIDE_FAST, "--tii_epochs", "1",
-                    "--tii_lr", "0.01") == 0
+    launches = {"continual": ["digits_continual_lora", *FAST],
+                "tii": ["digits_hideprompt", "--train_inference_task_only", *HIDE_FAST, "--lr", "0.01"],
+                "wtp": ["digits_hidelora", "--trained_original_model", str(root / "tii"), *HIDE_FAST],
+                "both": ["digits_hidelora", *HIDE_FAST, "--tii_epochs", "1", "--tii_lr", "0.01"]}
+    for name, args in launches.items():
+        assert run_main(*args, "--output_dir", str(root / name)) == 0, name
     return root
 
 
@@ -168,13 +168,6 @@ def test_hidelora_reads_a_hideprompt_stage_one_and_equals_the_one_command_run(ru
     assert saved["wtp_stats.present"][:, 0].all()
     # slot 2 started from slot 1 and trained on task 2; the slots after it are untouched
     assert not torch.equal(saved["lora.b"][1], saved["lora.b"][0]) and saved["lora.b"][2:].abs().sum() == 0
-
-
-def _fails(capsys, *args) -> str:
-    assert run_main(*args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
-    return err
 
 
 def test_hidelora_refuses_what_the_reference_silently_loaded(runs, tmp_path, capsys):
