@@ -39,6 +39,9 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "sprompt": dict(),
     # spec §9.2-9.3 (configs/*_hideprompt_5e.py): prefix E-prompts at blocks 0-4, slot t for task t, no keys
     "hideprompt": dict(prompt_key=False, original_model_mlp_structure=[2], sched="step", warmup_epochs=0),
+    # spec §9.4 (configs/*_continual_lora.py, *_hidelora.py): gradient clipping 2.0, the LoRA module by name
+    "continual_lora": dict(lora_type="continual", clip_grad=2.0),
+    "hidelora": dict(lora_type="hide", clip_grad=2.0, original_model_mlp_structure=[2]),
 }
 
 # (dataset, method) cells that differ from the row and column above
@@ -65,6 +68,8 @@ PAIR_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("five_datasets", "hideprompt"): dict(size=5, length=40, original_model_mlp_structure=[4, 4], reg=0.0,
                                           prompt_key=True, sched="constant", warmup_epochs=5, tii_lr=0.001),
     ("digits", "hideprompt"): dict(tii_lr=0.01, tii_epochs=2, crct_epochs=5, n_centroids=3, length=5),
+    ("cifar100", "hidelora"): dict(original_model_mlp_structure=[]),  # configs/cifar100_hidelora.py
+    ("digits", "hidelora"): dict(tii_lr=0.01, tii_epochs=2, crct_epochs=5, n_centroids=3),
 }
 
 SUBCOMMANDS: list[str] = [f"{d}_{m}" for d in DATASET_PRESETS for m in METHOD_PRESETS]
@@ -81,6 +86,7 @@ PROMPT_FLAGS = ("use_g_prompt", "g_prompt_length", "g_prompt_layer_idx", "use_pr
 HIDE_FLAGS = ("stage", "train_inference_task_only", "trained_original_model", "original_model_mlp_structure",
               "tii_epochs", "tii_lr", "ca_storage_efficient_method", "n_centroids", "crct_epochs", "ca_lr",
               "not_train_ca", "reg", "prompt_momentum", "larger_prompt_lr")
+LORA_FLAGS = ("lora_type", "lora_rank", "lora_depth", "lora_init", "lora_momentum")
 # flags with no effect in any method; method-specific flags (PROMPT_FLAGS, --original_model) warn where unused
 NO_EFFECT_FLAGS = {*NEVER_READ_FLAGS, "freeze", "head_type", "world_size", "prompt_pool", "prompt_key_init",
                    "embedding_key", "same_key_value"}
@@ -215,6 +221,18 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     _bool(g, "--larger_prompt_lr", default=False,
           help="the reference's name: prompts keep the LR, every other trained parameter (the head) gets LR x 0.1")
 
+    g = parser.add_argument_group("LoRA (continual_lora, hidelora)")
+    g.add_argument("--lora_type", choices=["continual", "hide"],
+                   help="the reference's switch, set by the subcommand: continual (continual_lora), hide (hidelora)")
+    g.add_argument("--lora_rank", type=int, default=4, help="rank r of the key and value updates")
+    g.add_argument("--lora_depth", type=int, default=5, help="adapt the first N blocks (the reference's fixed 5)")
+    g.add_argument("--lora_init", choices=["reference", "standard"], default="reference",
+                   help="A ~ U(+-1/sqrt(r)) as the reference (its kaiming init takes r as the fan-in), or the usual "
+                        "U(+-1/sqrt(dim)); B = 0 either way")
+    g.add_argument("--lora_momentum", type=float, default=0.0,
+                   help="hidelora: after task t, slot t <- (1-m) slot t + m mean(earlier slots) (the reference reads "
+                        "it without defining it)")
+
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", "--data_path", dest="data_path", default="./data")
     g.add_argument("--dataset", help="benchmark name (set by the subcommand)")
@@ -274,8 +292,18 @@ def _top_level_help() -> str:
     )
 
 
+def split_subcommand_name(subcommand: str) -> tuple[str, str]:
+    """(dataset key, method): dataset keys and method names may both hold underscores (`five_datasets`,
+    `continual_lora`), so the longest method name that ends the subcommand after a known dataset key wins."""
+    for method in sorted(METHOD_PRESETS, key=len, reverse=True):
+        dataset_key = subcommand[: -len(method) - 1]
+        if subcommand.endswith(f"_{method}") and dataset_key in DATASET_PRESETS:
+            return dataset_key, method
+    raise KeyError(subcommand)
+
+
 def subcommand_defaults(subcommand: str) -> dict[str, Any]:
-    dataset_key, method = subcommand.rsplit("_", 1)  # method names have no underscore; dataset keys may
+    dataset_key, method = split_subcommand_name(subcommand)
     values: dict[str, Any] = {}
     for layer in (DATASET_PRESETS[dataset_key], METHOD_PRESETS[method], PAIR_PRESETS.get((dataset_key, method), {})):
         values.update(layer)
@@ -360,7 +388,7 @@ def finalize(cfg: argparse.Namespace) -> argparse.Namespace:
     cfg.global_batch_size = cfg.batch_size * world
     cfg.effective_lr = cfg.lr * (cfg.batch_size if cfg.unscale_lr else cfg.global_batch_size) / 256.0
     METHODS[cfg.method].finalize_config(cfg)
-    method_flags = {"original_model", *PROMPT_FLAGS, *HIDE_FLAGS} - METHODS[cfg.method].reads_flags
+    method_flags = {"original_model", *PROMPT_FLAGS, *HIDE_FLAGS, *LORA_FLAGS} - METHODS[cfg.method].reads_flags
     if "original_model" in method_flags:
         method_flags.add("original_model_checkpoint")
     cfg.no_effect_flags = sorted(explicit & (NO_EFFECT_FLAGS | method_flags))

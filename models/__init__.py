@@ -6,7 +6,9 @@ from argparse import Namespace
 from datasets.scenario import Scenario
 
 from .base import ContinualMethod
+from .continual_lora import ContinualLoRA
 from .finetune import Finetune
+from .hidelora import HiDeLoRA
 from .hideprompt import HiDePrompt
 from .fix import Fix
 from .joint import Joint
@@ -24,6 +26,8 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "dualprompt": PromptPoolMethod,
     "sprompt": PromptPoolMethod,
     "hideprompt": HiDePrompt,
+    "continual_lora": ContinualLoRA,
+    "hidelora": HiDeLoRA,
 }
 
 

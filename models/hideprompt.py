@@ -1,286 +1,63 @@
-"""HiDe-Prompt (spec §2.3, §3, §4): hierarchical decomposition into task-identity inference (TII), within-task
-prediction (WTP) and task-adaptive prediction (TAP).
-
-Two phases per task, run as separate launches (the reference's two command lines) or in one (`--stage both`):
-- `tii` (stage 1): the original model, frozen ViT -> residual MLP -> head, learns to predict classes from the
-  uninstructed [CLS] feature; then statistics of that feature per class and, from task 2 on, alignment of MLP + head
-  on pseudo-features.
-- `wtp` (stage 2): one prefix E-prompt slot per task (slot t from slot t-1, prompt momentum), masked CE plus the
-  contrastive regularisation; then statistics of the instructed feature (slot t) and alignment of the head. At test
-  time the TII model of the current task picks each image's slot.
-Frozen features are cached (test sets for the whole run; the prompted test features until the next training
-phase, so the evaluation after alignment only re-runs the head).
-"""
+"""HiDe-Prompt (spec §2.3): HiDe (`models.hide`) with prefix E-prompts at blocks 0-4 as the per-task slots, prompt
+momentum during training and after it, and `--larger_prompt_lr`."""
 from __future__ import annotations
 
 from argparse import Namespace
-from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
-from datasets.scenario import Scenario
-from utils import UserError, log, maybe_autocast, warn
+from utils import UserError, warn
 
-from .base import ContinualMethod, masked_cross_entropy
-from .class_statistics import ClassStatistics, ContrastiveRegularizer, task_adaptive_prediction
-from .original_model import TaskIdentityHead
+from .hide import HIDE_READS_FLAGS, HiDeMethod
 from .prompts import PromptPool, batch_majority
-from .vit import check_promptable, create_backbone, forward_prompted, freeze
-
-# a stage-1 run that stage 2 reads must agree with it on these (the TII model's input, structure and classes)
-STAGE1_KEYS = ("dataset", "original_backbone", "original_model_checkpoint", "original_model_mlp_structure",
-               "num_tasks", "class_order", "input_size", "pretrained")
+from .vit import forward_prompted
 
 
-def stage1_checkpoint(directory: str, t: int) -> Path:
-    from engine import checkpoint_path  # noqa: PLC0415 (engine imports models)
-    return checkpoint_path(directory, t)
+class HiDePrompt(HiDeMethod):
+    slots_name, display_name, slot_kind = "e_prompt", "HiDe-Prompt", "prompt slot"
+    reads_flags = HIDE_READS_FLAGS | {"use_e_prompt", "e_prompt_layer_idx", "use_prefix_tune_for_e_prompt", "length",
+                                      "use_prompt_mask", "shared_prompt_pool", "batchwise_prompt_eval",
+                                      "legacy_prefix_reshape", "prompt_momentum", "larger_prompt_lr"}
 
-
-class HiDePrompt(ContinualMethod):
-    reads_flags = frozenset({"original_model", "use_e_prompt", "e_prompt_layer_idx", "use_prefix_tune_for_e_prompt",
-                             "size", "length", "use_prompt_mask", "shared_prompt_pool", "batchwise_prompt_eval",
-                             "legacy_prefix_reshape", "stage", "train_inference_task_only", "trained_original_model",
-                             "original_model_mlp_structure", "tii_epochs", "tii_lr", "ca_storage_efficient_method",
-                             "n_centroids", "crct_epochs", "ca_lr", "not_train_ca", "reg", "prompt_momentum",
-                             "larger_prompt_lr"})
-
-    @classmethod
-    def finalize_config(cls, cfg: Namespace) -> None:
-        given = set(cfg.explicit_flags)
-        if cfg.train_inference_task_only and cfg.trained_original_model:
-            raise UserError("--train_inference_task_only trains stage 1, --trained_original_model feeds stage 2: "
-                            "they contradict each other; pass one of them")
-        if cfg.stage == "auto":
-            cfg.stage = ("tii" if cfg.train_inference_task_only else "wtp" if cfg.trained_original_model else "both")
-        elif cfg.train_inference_task_only and cfg.stage != "tii":
-            raise UserError(f"--train_inference_task_only contradicts --stage {cfg.stage}; pass one of them")
-        if cfg.stage == "wtp" and not cfg.trained_original_model:
-            raise UserError("--stage wtp needs --trained_original_model (the --output_dir of a stage-1 run)")
-        if cfg.stage != "wtp" and cfg.trained_original_model:
-            raise UserError(f"--trained_original_model is read by stage 2 alone; drop it with --stage {cfg.stage}")
-        if cfg.stage != "both" and given & {"tii_epochs", "tii_lr"}:
-            raise UserError("--tii_epochs/--tii_lr set stage 1 within --stage both; in a separate stage-1 run "
-                            "use --epochs/--lr")
-        if any(ratio < 1 for ratio in cfg.original_model_mlp_structure):
-            raise UserError(f"--original_model_mlp_structure {cfg.original_model_mlp_structure}: widths are "
-                            f"positive multiples of the feature size, e.g. 2 or 4 4")
-        if cfg.stage != "tii" and cfg.size < cfg.num_tasks:
-            raise UserError(f"HiDe-Prompt keeps a prompt slot per task: --size {cfg.size} < {cfg.num_tasks} tasks")
-
-    def __init__(self, cfg: Namespace, scenario: Scenario):
-        super().__init__(cfg, scenario)
-        self.stage = cfg.stage
-        self.phases = {"tii": ("tii",), "wtp": ("wtp",), "both": ("tii", "wtp")}[cfg.stage]
-        self.task_classes = scenario.task_classes
-        self.register_buffer("class_to_task", scenario.class_to_task, persistent=False)
-        self.original_vit = create_backbone(cfg.original_model, cfg.pretrained, cfg.input_size,
-                                            checkpoint=cfg.original_model_checkpoint, flag="--original_model")
-        freeze(self.original_vit)
-        dim = self.original_vit.num_features
-        # each trained part starts from its own seed, so the parts a stage builds do not depend on the other stage
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            self.tii = TaskIdentityHead(dim, scenario.num_classes, list(cfg.original_model_mlp_structure))
-        self.tii_stats = ClassStatistics(cfg.ca_storage_efficient_method, scenario.num_classes, dim,
-                                         cfg.n_centroids)
-        prefixes = ["tii.", "tii_stats."]
-        if "wtp" in self.phases:
-            self._build_prompted(cfg, scenario)
-            prefixes = ["e_prompt.", "head.", "wtp_stats."] + (prefixes if "tii" in self.phases else [])
-        self.checkpoint_prefixes = tuple(prefixes)
-        self.task = 0
-        self.phase = self.phases[0]
-        if self.stage == "wtp":
-            self._check_stage1_run(scenario.num_tasks)
-
-    def _build_prompted(self, cfg: Namespace, scenario: Scenario) -> None:
+    def _build_slots(self, cfg: Namespace) -> None:
         if not (cfg.use_e_prompt and cfg.use_prefix_tune_for_e_prompt and cfg.use_prompt_mask
                 and cfg.shared_prompt_pool):
             raise UserError("HiDe-Prompt's prompts are prefix E-prompts, slot t trained on task t from slot t-1: keep "
                             "--use_e_prompt, --use_prefix_tune_for_e_prompt, --use_prompt_mask, --shared_prompt_pool")
-        same = (cfg.backbone, cfg.pretrained_checkpoint) == (cfg.original_backbone, cfg.original_model_checkpoint)
-        self.backbone = (self.original_vit if same
-                         else create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
-                                              checkpoint=cfg.pretrained_checkpoint))
-        check_promptable(self.backbone)
-        freeze(self.backbone)
         self.e_layers = list(cfg.e_prompt_layer_idx)
         dim, heads = self.backbone.embed_dim, self.backbone.blocks[0].attn.num_heads
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed + 1)
-            self.e_prompt = PromptPool(len(self.e_layers), cfg.size, cfg.length, dim, heads, prefix=True, top_k=1,
-                                       learn_keys=False)
-            self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
-        self.wtp_stats = ClassStatistics(cfg.ca_storage_efficient_method, scenario.num_classes,
-                                         self.backbone.num_features, cfg.n_centroids)
-        self.regularizer = ContrastiveRegularizer()
+        self.e_prompt = PromptPool(len(self.e_layers), cfg.size, cfg.length, dim, heads, prefix=True, top_k=1,
+                                   learn_keys=False)
         if cfg.batchwise_prompt_eval:
             warn("--batchwise_prompt_eval gives each test batch the majority of its predicted tasks; test batches "
                  "hold one task, so this leaks near-oracle task identity (the reference's 5-datasets evaluation)")
 
-    # --- stage 1 files ---------------------------------------------------------------------------------------
-    def _check_stage1_run(self, num_tasks: int) -> None:
-        missing = [t for t in range(num_tasks) if not stage1_checkpoint(self.cfg.trained_original_model, t).is_file()]
-        if missing:
-            raise UserError(f"--trained_original_model {self.cfg.trained_original_model}: "
-                            f"{stage1_checkpoint(self.cfg.trained_original_model, missing[0])} is missing "
-                            f"({len(missing)} of {num_tasks} task checkpoints absent); finish stage 1 first "
-                            f"(--train_inference_task_only, or --resume it)")
-        self._load_stage1(0)
-
-    def _load_stage1(self, t: int) -> None:
-        """Stage 1's model after task t: the TII model trained on tasks <= t, never a later one."""
-        from engine import load_checkpoint  # noqa: PLC0415
-
-        path = stage1_checkpoint(self.cfg.trained_original_model, t)
-        saved = load_checkpoint(path)
-        config = saved.get("config", {})
-        if config.get("method") != "hideprompt" or config.get("stage") not in ("tii", "both"):
-            raise UserError(f"{path} is not a HiDe-Prompt stage-1 checkpoint (method {config.get('method')!r}, "
-                            f"stage {config.get('stage')!r}); point --trained_original_model at a run made with "
-                            f"--train_inference_task_only")
-        mine = vars(self.cfg)
-        differing = [k for k in STAGE1_KEYS if config.get(k) != mine.get(k)]
-        if differing:
-            detail = ", ".join(f"{k}: {config.get(k)!r} there, {mine.get(k)!r} here" for k in differing)
-            raise UserError(f"{path} was trained with other settings ({detail}); stage 2 must use stage 1's")
-        state = {k[len("tii."):]: v for k, v in saved["model"].items() if k.startswith("tii.")}
-        try:
-            self.tii.load_state_dict(state)
-        except RuntimeError as err:
-            raise UserError(f"{path}: its TII model does not fit this one ({str(err).splitlines()[0]})") from err
-        self.task = t
-
-    def load_task_context(self, t: int) -> None:
-        self.task = t
-        if self.stage == "wtp":
-            self._load_stage1(t)
-        self.invalidate_state_cache()
-
-    # --- phases ----------------------------------------------------------------------------------------------
-    def set_phase(self, phase: str) -> Namespace:
-        self.phase = phase
-        if phase == "tii" and self.stage == "both":
-            cfg = Namespace(**vars(self.cfg))
-            cfg.epochs, cfg.lr, cfg.sched = self.cfg.tii_epochs, self.cfg.tii_lr, "constant"
-            cfg.effective_lr = self.cfg.effective_lr * self.cfg.tii_lr / self.cfg.lr
-            return cfg
-        return self.cfg
-
-    def begin_task(self, t: int) -> list[dict]:
-        self.task = t
-        freeze(self, True)
-        if self.phase == "tii":
-            freeze(self.tii, False)
-            return [{"params": list(self.tii.parameters())}]
-        if self.stage == "wtp":
-            self._load_stage1(t)
+    def _init_slot_from_previous(self, t: int) -> None:
         self.e_prompt.init_slots_from_previous(t)
-        freeze(self.e_prompt, False)
-        freeze(self.head, False)
-        self.regularizer.set_prototypes(self.wtp_stats.prototypes() if self.cfg.reg else torch.zeros(0, 1))
-        head_params = list(self.head.parameters())
+
+    def _slot_param_groups(self, head_params: list[nn.Parameter]) -> list[dict]:
         if self.cfg.larger_prompt_lr:  # the reference's name for lowering the LR of everything but the prompts
             return [{"params": [self.e_prompt.prompt]}, {"params": head_params, "lr": self.cfg.effective_lr * 0.1}]
         return [{"params": [self.e_prompt.prompt, *head_params]}]
 
-    # --- training ----------------------------------------------------------------------------------------------
-    def _prompted_features(self, images: torch.Tensor, slots: torch.Tensor, pool: torch.Tensor | None = None):
+    def _instructed_features(self, images: torch.Tensor, slots: int | torch.Tensor,
+                             pool: torch.Tensor | None = None) -> torch.Tensor:
+        if isinstance(slots, int):
+            slots = torch.full((images.shape[0],), slots, device=images.device)
         chosen = self.e_prompt.gather(slots.view(-1, 1), legacy_reshape=self.cfg.legacy_prefix_reshape, pool=pool)
         return forward_prompted(self.backbone, images, {layer: chosen[j] for j, layer in enumerate(self.e_layers)})
 
-    def forward(self, images: torch.Tensor, targets: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = self.train_mask(t)
-        if self.phase == "tii":
-            with torch.no_grad():
-                features = self.original_vit(images)
-            logits = self.tii(features)
-            return masked_cross_entropy(logits, targets, mask), logits
-        slots = torch.full((images.shape[0],), t, device=images.device)
+    def _training_features(self, images: torch.Tensor, t: int) -> torch.Tensor:
         momentum = self.cfg.prompt_momentum if t > 0 else 0.0
         pool = self.e_prompt.with_momentum(t, momentum) if momentum > 0 else None
-        features = self._prompted_features(images, slots, pool)
-        logits = self.head(features)
-        loss = masked_cross_entropy(logits, targets, mask)
-        if self.cfg.reg:
-            loss = loss + self.cfg.reg * self.regularizer(features)
-        return loss, logits
+        return self._instructed_features(images, t, pool)
 
-    @torch.no_grad()
-    def end_task(self, t: int, stats_loader: DataLoader) -> None:
-        self.eval()
-        if self.phase == "wtp" and t > 0 and self.cfg.prompt_momentum > 0:
+    def _after_training(self, t: int) -> None:
+        if t > 0 and self.cfg.prompt_momentum > 0:
             self.e_prompt.apply_momentum(t, self.cfg.prompt_momentum)
-        feats, labels = [], []
-        device = self._task_masks.device
-        for images, targets in stats_loader:
-            images = images.to(device, non_blocking=True)
-            with maybe_autocast(device, self.cfg.amp):
-                if self.phase == "tii":  # the uninstructed feature, before the MLP mapping
-                    feats.append(self.original_vit(images).float())
-                else:  # the instructed feature, with the task's own slot
-                    feats.append(self._prompted_features(
-                        images, torch.full((images.shape[0],), t, device=device)).float())
-            labels.append(targets.to(device))
-        stats = self.tii_stats if self.phase == "tii" else self.wtp_stats
-        stats.update(torch.cat(feats), torch.cat(labels), self.task_classes[t], seed=self.cfg.seed)
-        log(f"task {t + 1} {self.phase}: class statistics ({self.cfg.ca_storage_efficient_method}) of "
-            f"{len(self.task_classes[t])} classes")
 
-    def align(self, t: int) -> bool:
-        if t == 0 or self.cfg.not_train_ca or self.cfg.crct_epochs == 0:
-            return False
-        seen = [c for classes in self.task_classes[: t + 1] for c in classes]
-        iterations = sum(len(classes) for classes in self.task_classes[:t])  # classes of the earlier tasks (Q6)
-        if self.phase == "tii":  # stage 1: MLP + head, B pseudo-features per centroid, LR scaled by B/256 (Q7, Q8)
-            params, classify, stats = list(self.tii.parameters()), self.tii, self.tii_stats
-            per_component = self.cfg.batch_size
-            lr = self.cfg.ca_lr * self.cfg.batch_size / 256.0
-        else:  # stage 2: the head only, 5B per centroid, LR as given
-            params, classify, stats = list(self.head.parameters()), self.head, self.wtp_stats
-            per_component = 5 * self.cfg.batch_size
-            lr = self.cfg.ca_lr
-        freeze(self, True)
-        for p in params:
-            p.requires_grad_(True)
-        self.train()
-        with torch.enable_grad():
-            task_adaptive_prediction(params, classify, stats, seen, self._task_masks[: t + 1].any(0),
-                                     iterations, per_component, self.cfg.crct_epochs, lr, self.cfg.weight_decay,
-                                     seed=self.cfg.seed + t)
-        freeze(self, True)
-        self.eval()
-        return True
-
-    # --- evaluation --------------------------------------------------------------------------------------------
-    def _original_features(self, images: torch.Tensor, batch_key: tuple | None) -> torch.Tensor:
-        return self.frozen_forward("original", self.original_vit, images, batch_key)
-
-    @torch.no_grad()
-    def predict_task(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor | None:
-        if self.phase == "tii":
-            return None  # the task of the predicted class is the TII model's answer
-
-        def infer() -> torch.Tensor:
-            logits = self.tii(self._original_features(images, batch_key)).float()
-            seen = self._task_masks[: self.task + 1].any(0)
-            return self.class_to_task[logits.masked_fill(~seen, float("-inf")).argmax(1)]
-        return self.cached("tii", batch_key, infer, until_state_changes=True)
-
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
-        if self.phase == "tii":
-            return self.tii(self._original_features(images, batch_key))
-
-        def prompted() -> torch.Tensor:
-            slots = self.predict_task(images, batch_key)
-            if self.cfg.batchwise_prompt_eval:
-                slots = batch_majority(slots.view(-1, 1), self.e_prompt.pool_size, 1).view(-1)
-            return self._prompted_features(images, slots)
-        return self.head(self.cached("prompted", batch_key, prompted, until_state_changes=True))
-
+    def _test_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        if self.cfg.batchwise_prompt_eval:
+            return batch_majority(slots.view(-1, 1), self.e_prompt.pool_size, 1).view(-1)
+        return slots

@@ -3,8 +3,8 @@ block-by-block forward that injects prompts into it.
 
 Two kinds of prompt: prompt tokens prepended to the sequence before a block (prompt tuning, L2P), which then stay for
 all later blocks; and key/value prefixes given to one block's attention (prefix tuning, DualPrompt's G-/E-prompts),
-which leave the sequence length unchanged. Attention always runs through
-`torch.nn.functional.scaled_dot_product_attention`, as timm's own does.
+which leave the sequence length unchanged. Low-rank adapters (LoRA, `models.lora`) add (x A) B to a block's keys
+and values. Attention always runs through `torch.nn.functional.scaled_dot_product_attention`, as timm's own does.
 """
 from __future__ import annotations
 
@@ -46,29 +46,51 @@ def pretrained_features(model: VisionTransformer, images: torch.Tensor) -> torch
     return model(images)
 
 
-def prefix_attention(attn: Attention, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-    """timm's `Attention.forward` with learned key/value prefixes.
+Lora = tuple[torch.Tensor, torch.Tensor]
+
+
+def lora_kv_delta(x: torch.Tensor, lora: Lora) -> torch.Tensor:
+    """(B, N, 2, D): the key and value updates (x A) B at rank r. `lora` = (A, B) shared by the batch, shapes
+    (2, D, r) and (2, r, D), or per sample, (B, 2, D, r) and (B, 2, r, D) (batched products: one pass for a batch
+    mixing slots)."""
+    a, b = lora
+    if a.dim() == 3:
+        return torch.einsum("bnjr,jre->bnje", torch.einsum("bnd,jdr->bnjr", x, a), b)
+    return torch.einsum("bnjr,bjre->bnje", torch.einsum("bnd,bjdr->bnjr", x, a), b)
+
+
+def adapted_attention(attn: Attention, x: torch.Tensor, prefix: torch.Tensor | None = None,
+                      lora: Lora | None = None) -> torch.Tensor:
+    """timm's `Attention.forward` with learned key/value prefixes and/or low-rank key/value updates.
 
     `prefix` is (B, 2, L_p, H, d_h): index 0 along dim 1 holds the keys, 1 the values. They are put in front of the
     block's own keys and values (no positional embedding, no q/k norm: they are learned directly in key space);
-    the queries are the sequence's own, so the output keeps the input's length.
+    the queries are the sequence's own, so the output keeps the input's length. `lora` (see `lora_kv_delta`) is
+    added to the keys and values of the fused qkv projection's output, before the q/k norms; the queries are left as
+    they are.
     """
     batch, tokens, _ = x.shape
-    qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv = attn.qkv(x)
+    if lora is not None:
+        qkv = qkv.view(batch, tokens, 3, -1)
+        qkv = torch.cat([qkv[:, :, :1], qkv[:, :, 1:] + lora_kv_delta(x, lora).to(qkv.dtype)], dim=2)
+    qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    prefix_k, prefix_v = prefix.to(k.dtype).permute(1, 0, 3, 2, 4).unbind(0)  # each (B, H, L_p, d_h)
-    k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
+    if prefix is not None:
+        prefix_k, prefix_v = prefix.to(k.dtype).permute(1, 0, 3, 2, 4).unbind(0)  # each (B, H, L_p, d_h)
+        k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)
     x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     x = attn.norm(x.transpose(1, 2).reshape(batch, tokens, attn.attn_dim))
     return attn.proj_drop(attn.proj(x))
 
 
-def block_forward(block: Block, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """One timm `Block`, with `prefix_attention` in place of its attention when a prefix is given."""
-    if prefix is None:
+def block_forward(block: Block, x: torch.Tensor, prefix: torch.Tensor | None = None,
+                  lora: Lora | None = None) -> torch.Tensor:
+    """One timm `Block`, with `adapted_attention` in place of its attention when a prefix or a LoRA is given."""
+    if prefix is None and lora is None:
         return block(x)
-    x = x + block.drop_path1(block.ls1(prefix_attention(block.attn, block.norm1(x), prefix)))
+    x = x + block.drop_path1(block.ls1(adapted_attention(block.attn, block.norm1(x), prefix, lora)))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
@@ -82,19 +104,21 @@ def check_promptable(model: VisionTransformer) -> None:
 
 def forward_prompted(model: VisionTransformer, images: torch.Tensor,
                      prefixes: dict[int, torch.Tensor] | None = None,
-                     prompt_tokens: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
-    """The pooled feature of `model` (built with num_classes=0) with prompts injected.
+                     prompt_tokens: dict[int, torch.Tensor] | None = None,
+                     lora: dict[int, Lora] | None = None) -> torch.Tensor:
+    """The pooled feature of `model` (built with num_classes=0) with prompts or low-rank adapters injected.
 
     `prefixes[i]`: a (B, 2, L_p, H, d_h) key/value prefix for block i. `prompt_tokens[i]`: (B, L, D) tokens put in
-    front of the sequence before block i. Pooling is timm's own over the sequence without the prompt tokens, so the
-    [CLS] feature is read at its position after them, and with no prompts this is exactly `model(images)`.
+    front of the sequence before block i. `lora[i]`: block i's key/value adapters (`lora_kv_delta`). Pooling is
+    timm's own over the sequence without the prompt tokens, so the [CLS] feature is read at its position after them,
+    and with nothing injected this is exactly `model(images)`.
     """
-    prefixes, prompt_tokens = prefixes or {}, prompt_tokens or {}
+    prefixes, prompt_tokens, lora = prefixes or {}, prompt_tokens or {}, lora or {}
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     num_prompt_tokens = 0
     for i, block in enumerate(model.blocks):
         if i in prompt_tokens:
             x = torch.cat([prompt_tokens[i].to(x.dtype), x], dim=1)
             num_prompt_tokens += prompt_tokens[i].shape[1]
-        x = block_forward(block, x, prefixes.get(i))
+        x = block_forward(block, x, prefixes.get(i), lora.get(i))
     return model.forward_head(model.norm(x)[:, num_prompt_tokens:])

@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from models.vit import block_forward, check_promptable, forward_prompted, prefix_attention
+from models.vit import adapted_attention, block_forward, check_promptable, forward_prompted
 from utils import UserError
 
 
@@ -43,7 +43,7 @@ def test_prefix_attention_equals_a_plain_softmax_in_float64():
     x = torch.randn(2, 5, 192, dtype=torch.float64)
     prefix = torch.randn(2, 2, 4, attn.num_heads, attn.head_dim, dtype=torch.float64)
     with torch.no_grad():
-        ours = prefix_attention(attn, x, prefix)
+        ours = adapted_attention(attn, x, prefix)
         expected = _softmax_attention_float64(attn, x, prefix)
     assert ours.shape == x.shape
     assert torch.allclose(ours, expected, atol=1e-12, rtol=0)
