@@ -28,7 +28,7 @@ from utils import UserError, log, maybe_autocast
 from .base import ContinualMethod, masked_cross_entropy
 from .class_statistics import ClassStatistics, ContrastiveRegularizer, task_adaptive_prediction
 from .original_model import TaskIdentityHead
-from .vit import check_promptable, create_backbone, freeze
+from .vit import check_promptable, create_backbone, freeze, pretrained_features
 
 # a stage-1 run that stage 2 reads must agree with it on these (the TII model's input, structure and classes)
 STAGE1_KEYS = ("dataset", "original_backbone", "original_model_checkpoint", "original_model_mlp_structure",
@@ -88,13 +88,15 @@ class HiDeMethod(ContinualMethod):
         # each trained part starts from its own seed, so the parts a stage builds do not depend on the other stage
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.tii = TaskIdentityHead(dim, scenario.num_classes, list(cfg.original_model_mlp_structure))
+            self.tii = TaskIdentityHead(dim, scenario.num_classes, list(cfg.original_model_mlp_structure),
+                                        fresh_norm=bool(self.original_vit.fresh_keys))
         self.tii_stats = ClassStatistics(cfg.ca_storage_efficient_method, scenario.num_classes, dim,
                                          cfg.n_centroids)
         prefixes = ["tii.", "tii_stats."]
         if "wtp" in self.phases:
             self._build_instructed(cfg, scenario)
-            prefixes = [f"{self.slots_name}.", "head.", "wtp_stats."] + (prefixes if "tii" in self.phases else [])
+            prefixes = [f"{self.slots_name}.", "head.", "wtp_fc_norm.", "wtp_stats."] + (
+                prefixes if "tii" in self.phases else [])
         self.checkpoint_prefixes = tuple(prefixes)
         self.task = 0
         self.phase = self.phases[0]
@@ -114,6 +116,8 @@ class HiDeMethod(ContinualMethod):
             self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
             nn.init.trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+        # MoCo v3: the reference trains a fresh fc_norm between the instructed feature and the head (spec Q11)
+        self.wtp_fc_norm = nn.LayerNorm(self.backbone.num_features) if self.backbone.fresh_keys else nn.Identity()
         self.wtp_stats = ClassStatistics(cfg.ca_storage_efficient_method, scenario.num_classes,
                                          self.backbone.num_features, cfg.n_centroids)
         self.regularizer = ContrastiveRegularizer()
@@ -208,18 +212,19 @@ class HiDeMethod(ContinualMethod):
         freeze(getattr(self, self.slots_name), False)
         freeze(self.head, False)
         self.regularizer.set_prototypes(self.wtp_stats.prototypes() if self.cfg.reg else torch.zeros(0, 1))
-        return self._slot_param_groups(list(self.head.parameters()))
+        freeze(self.wtp_fc_norm, False)
+        return self._slot_param_groups(self._head_params())
 
     # --- training ----------------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, targets: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         mask = self.train_mask(t)
         if self.phase == "tii":
             with torch.no_grad():
-                features = self.original_vit(images)
+                features = self._uninstructed(images)
             logits = self.tii(features)
             return masked_cross_entropy(logits, targets, mask), logits
         features = self._training_features(images, t)
-        logits = self.head(features)
+        logits = self._classify(features)
         loss = masked_cross_entropy(logits, targets, mask)
         if self.cfg.reg:
             loss = loss + self.cfg.reg * self.regularizer(features)
@@ -236,7 +241,7 @@ class HiDeMethod(ContinualMethod):
             images = images.to(device, non_blocking=True)
             with maybe_autocast(device, self.cfg.amp):
                 if self.phase == "tii":  # the uninstructed feature, before the MLP mapping
-                    feats.append(self.original_vit(images).float())
+                    feats.append(self._uninstructed(images).float())
                 else:  # the instructed feature, with the task's own slot
                     feats.append(self._instructed_features(images, t).float())
             labels.append(targets.to(device))
@@ -255,7 +260,7 @@ class HiDeMethod(ContinualMethod):
             per_component = self.cfg.batch_size
             lr = self.cfg.ca_lr * self.cfg.batch_size / 256.0
         else:  # stage 2: the head only, 5B per centroid, LR as given
-            params, classify, stats = list(self.head.parameters()), self.head, self.wtp_stats
+            params, classify, stats = self._head_params(), self._classify, self.wtp_stats
             per_component = 5 * self.cfg.batch_size
             lr = self.cfg.ca_lr
         freeze(self, True)
@@ -270,9 +275,20 @@ class HiDeMethod(ContinualMethod):
         self.eval()
         return True
 
+    def _classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.wtp_fc_norm(features))
+
+    def _head_params(self) -> list[nn.Parameter]:
+        """Stage 2's non-slot parameters: the head (and MoCo v3's fresh fc_norm), what alignment trains."""
+        return [*self.head.parameters(), *self.wtp_fc_norm.parameters()]
+
+    def _uninstructed(self, images: torch.Tensor) -> torch.Tensor:
+        """The original model's frozen feature (for MoCo v3 before its fresh fc_norm: the reference's pre_logits)."""
+        return pretrained_features(self.original_vit, images)
+
     # --- evaluation --------------------------------------------------------------------------------------------
     def _original_features(self, images: torch.Tensor, batch_key: tuple | None) -> torch.Tensor:
-        return self.frozen_forward("original", self.original_vit, images, batch_key)
+        return self.frozen_forward("original", self._uninstructed, images, batch_key)
 
     @torch.no_grad()
     def predict_task(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor | None:
@@ -292,4 +308,4 @@ class HiDeMethod(ContinualMethod):
 
         def instructed() -> torch.Tensor:
             return self._instructed_features(images, self._test_slots(self.predict_task(images, batch_key)))
-        return self.head(self.cached("instructed", batch_key, instructed, until_state_changes=True))
+        return self._classify(self.cached("instructed", batch_key, instructed, until_state_changes=True))

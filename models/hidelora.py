@@ -36,7 +36,7 @@ class HiDeLoRA(HiDeMethod):
         return [{"params": [self.lora.a, self.lora.b, *head_params]}]
 
     def _instructed_features(self, images: torch.Tensor, slots: int | torch.Tensor) -> torch.Tensor:
-        return forward_lora(self.backbone, images, self.lora, slots)
+        return forward_lora(self.backbone, images, self.lora, slots, pre_fc_norm=True)
 
     def _after_training(self, t: int) -> None:
         if t > 0 and self.cfg.lora_momentum > 0:

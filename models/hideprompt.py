@@ -46,7 +46,8 @@ class HiDePrompt(HiDeMethod):
         if isinstance(slots, int):
             slots = torch.full((images.shape[0],), slots, device=images.device)
         chosen = self.e_prompt.gather(slots.view(-1, 1), legacy_reshape=self.cfg.legacy_prefix_reshape, pool=pool)
-        return forward_prompted(self.backbone, images, {layer: chosen[j] for j, layer in enumerate(self.e_layers)})
+        return forward_prompted(self.backbone, images, {layer: chosen[j] for j, layer in enumerate(self.e_layers)},
+                                pre_fc_norm=True)
 
     def _training_features(self, images: torch.Tensor, t: int) -> torch.Tensor:
         momentum = self.cfg.prompt_momentum if t > 0 else 0.0

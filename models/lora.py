@@ -69,9 +69,9 @@ def build_lora_pool(backbone: VisionTransformer, pool_size: int, cfg: Namespace)
 
 
 def forward_lora(backbone: VisionTransformer, images: torch.Tensor, pool: LoraPool,
-                 slots: int | torch.Tensor) -> torch.Tensor:
+                 slots: int | torch.Tensor, pre_fc_norm: bool = False) -> torch.Tensor:
     """The backbone's pooled feature with one slot for the batch (int) or each sample's own (tensor of indices)."""
-    return forward_prompted(backbone, images, lora=pool.adapters(slots))
+    return forward_prompted(backbone, images, lora=pool.adapters(slots), pre_fc_norm=pre_fc_norm)
 
 
 def check_lora_flags(cfg: Namespace, lora_type: str) -> None:

@@ -13,7 +13,7 @@ class MlpMapping(nn.Module):
     layout: `[2]` is Linear(d,2d)-GELU-Linear(2d,d); `[4, 4]` is Linear(d,4d)-GELU-Linear(4d,4d)-LayerNorm-
     Linear(4d,d)). The reference's zero-probability dropouts are left out: they do nothing."""
 
-    def __init__(self, dim: int, hidden: list[int]):
+    def __init__(self, dim: int, hidden: list[int], norm: bool = True):
         super().__init__()
         widths = [dim, *(dim * ratio for ratio in hidden), dim]
         layers: list[nn.Module] = []
@@ -27,7 +27,7 @@ class MlpMapping(nn.Module):
             else:
                 layers.append(nn.GELU())
         self.f = nn.Sequential(*layers)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h + self.f(h))
@@ -35,14 +35,16 @@ class MlpMapping(nn.Module):
 
 class TaskIdentityHead(nn.Module):
     """Mapping + head on top of frozen features (the trainable part of the original model). An empty structure
-    means no mapping at all (the reference's `[]`)."""
+    means no mapping at all (the reference's `[]`). `fresh_norm` (MoCo v3, whose final norm the reference replaces
+    by a fresh `fc_norm`): the mapping has no norm of its own and a trainable LayerNorm sits before the head."""
 
-    def __init__(self, dim: int, num_classes: int, mlp_structure: list[int]):
+    def __init__(self, dim: int, num_classes: int, mlp_structure: list[int], fresh_norm: bool = False):
         super().__init__()
-        self.mlp = MlpMapping(dim, mlp_structure) if mlp_structure else nn.Identity()
+        self.mlp = MlpMapping(dim, mlp_structure, norm=not fresh_norm) if mlp_structure else nn.Identity()
+        self.fc_norm = nn.LayerNorm(dim) if fresh_norm else nn.Identity()
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.mlp(features))
+        return self.head(self.fc_norm(self.mlp(features)))

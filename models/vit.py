@@ -105,8 +105,9 @@ def check_promptable(model: VisionTransformer) -> None:
 def forward_prompted(model: VisionTransformer, images: torch.Tensor,
                      prefixes: dict[int, torch.Tensor] | None = None,
                      prompt_tokens: dict[int, torch.Tensor] | None = None,
-                     lora: dict[int, Lora] | None = None) -> torch.Tensor:
-    """The pooled feature of `model` (built with num_classes=0) with prompts or low-rank adapters injected.
+                     lora: dict[int, Lora] | None = None, pre_fc_norm: bool = False) -> torch.Tensor:
+    """The pooled feature of `model` (built with num_classes=0) with prompts or low-rank adapters injected
+    (`pre_fc_norm`: before the model's fc_norm, as the reference's `pre_logits`; the same unless one is fresh).
 
     `prefixes[i]`: a (B, 2, L_p, H, d_h) key/value prefix for block i. `prompt_tokens[i]`: (B, L, D) tokens put in
     front of the sequence before block i. `lora[i]`: block i's key/value adapters (`lora_kv_delta`). Pooling is
@@ -121,4 +122,5 @@ def forward_prompted(model: VisionTransformer, images: torch.Tensor,
             x = torch.cat([prompt_tokens[i].to(x.dtype), x], dim=1)
             num_prompt_tokens += prompt_tokens[i].shape[1]
         x = block_forward(block, x, prefixes.get(i), lora.get(i))
-    return model.forward_head(model.norm(x)[:, num_prompt_tokens:])
+    x = model.norm(x)[:, num_prompt_tokens:]
+    return model.pool(x) if pre_fc_norm else model.forward_head(x)

@@ -185,3 +185,31 @@ def test_five_datasets_gets_statistics_for_every_member(tmp_path):
         for stats in ("tii_stats", "wtp_stats"):
             present = saved[f"{stats}.present"].any(1).nonzero().flatten().tolist()
             assert [c for c in present if 10 * offset <= c < 10 * offset + 10] == expected, (member, stats)
+
+
+def test_moco_v3_trains_its_fresh_fc_norm_in_both_stages_as_the_reference():
+    # the reference's MoCo v3 model: final norm replaced by a fresh fc_norm; HiDe feeds the un-normalised [CLS] to
+    # the TII mapping (which then has no norm of its own) and trains an fc_norm before each head
+    from datasets import build_scenario
+    from models import create_method
+    cfg = parse_args(["digits_hideprompt", "--device", "cpu", "--num_tasks", "2", "--model",
+                      "vit_base_patch16_224_mocov3", "--original_model", "vit_base_patch16_224_mocov3"])
+    method = create_method(cfg, build_scenario(10, 2, False, 0, "digits"))
+    assert isinstance(method.tii.mlp.norm, torch.nn.Identity) and isinstance(method.tii.fc_norm, torch.nn.LayerNorm)
+    images, targets = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    for phase, expected in (("tii", {"tii.fc_norm.weight", "tii.fc_norm.bias"}),
+                            ("wtp", {"wtp_fc_norm.weight", "wtp_fc_norm.bias", "e_prompt.prompt"})):
+        method.set_phase(phase)
+        groups = method.begin_task(0)
+        trainable = {k for k, v in method.named_parameters() if v.requires_grad}
+        assert expected <= trainable and not any(k.startswith(("original_vit.", "backbone.")) for k in trainable)
+        before = {k: v.detach().clone() for k, v in method.named_parameters() if k in expected}
+        optimizer = torch.optim.SGD([p for g in groups for p in g["params"]], lr=1.0)
+        loss, _ = method(images, targets, 0)
+        loss.backward()
+        optimizer.step()
+        assert all(not torch.equal(v, dict(method.named_parameters())[k]) for k, v in before.items()), phase
+    assert {"wtp_fc_norm.weight", "tii.fc_norm.weight"} <= set(method.checkpoint_state())
+    with torch.no_grad():  # the uninstructed feature skips the fresh norm
+        vit = method.original_vit
+        assert torch.equal(method._uninstructed(images), vit.pool(vit.forward_features(images)))
