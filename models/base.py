@@ -26,6 +26,14 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return F.cross_entropy(logits.float(), targets)
 
 
+def classifier_head(dim: int, num_classes: int) -> nn.Linear:
+    """A linear head over all classes, initialised as timm initialises its ViT heads (trunc. normal 0.02, zero bias)."""
+    head = nn.Linear(dim, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 class ContinualMethod(nn.Module):
     """Subclasses set `checkpoint_prefixes` (the state they train, the only state saved) and implement the hooks."""
 
@@ -140,9 +148,7 @@ class BackboneHeadMethod(ContinualMethod):
         super().__init__(cfg, scenario)
         self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
                                         checkpoint=cfg.pretrained_checkpoint)
-        self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
 
     backbone_frozen_for_run = False  # True: its test features never change, so evaluation caches them
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from argparse import Namespace
 
 import torch
-import torch.nn as nn
 
 from datasets.scenario import Scenario
 
-from .base import ContinualMethod, masked_cross_entropy
+from .base import ContinualMethod, classifier_head, masked_cross_entropy
 from .hidelora import LORA_READS_FLAGS
 from .lora import build_lora_pool, check_lora_flags, forward_lora
 from .vit import create_backbone, freeze
@@ -29,9 +28,7 @@ class ContinualLoRA(ContinualMethod):
                                         checkpoint=cfg.pretrained_checkpoint)
         freeze(self.backbone)
         self.lora = build_lora_pool(self.backbone, 1, cfg)
-        self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
 
     def begin_task(self, t: int) -> list[dict]:
         return [{"params": [self.lora.a, self.lora.b, *self.head.parameters()]}]

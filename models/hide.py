@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from datasets.scenario import Scenario
 from utils import UserError, log, maybe_autocast
 
-from .base import ContinualMethod, masked_cross_entropy
+from .base import ContinualMethod, classifier_head, masked_cross_entropy
 from .class_statistics import ClassStatistics, ContrastiveRegularizer, task_adaptive_prediction
 from .original_model import TaskIdentityHead
 from .vit import check_promptable, create_backbone, freeze, pretrained_features
@@ -99,6 +99,7 @@ class HiDeMethod(ContinualMethod):
                 prefixes if "tii" in self.phases else [])
         self.checkpoint_prefixes = tuple(prefixes)
         self.task = 0
+        self.stage1_task: int | None = None  # whose stage-1 TII model is loaded (stage wtp)
         self.phase = self.phases[0]
         if self.stage == "wtp":
             self._check_stage1_run(scenario.num_tasks)
@@ -113,9 +114,7 @@ class HiDeMethod(ContinualMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
             self._build_slots(cfg)
-            self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
-            nn.init.trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+            self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
         # MoCo v3: the reference trains a fresh fc_norm between the instructed feature and the head (spec Q11)
         self.wtp_fc_norm = nn.LayerNorm(self.backbone.num_features) if self.backbone.fresh_keys else nn.Identity()
         self.wtp_stats = ClassStatistics(cfg.ca_storage_efficient_method, scenario.num_classes,
@@ -163,6 +162,8 @@ class HiDeMethod(ContinualMethod):
         fit (the reference's HiDe-LoRA loads with strict=False and silently ignores what does not, Q18)."""
         from engine import load_checkpoint  # noqa: PLC0415
 
+        if self.stage1_task == t:  # stage 2 never changes the TII model: task t's is still in place
+            return
         path = stage1_checkpoint(self.cfg.trained_original_model, t)
         saved = load_checkpoint(path)
         config = saved.get("config", {})
@@ -181,7 +182,7 @@ class HiDeMethod(ContinualMethod):
         except RuntimeError as err:
             detail = " ".join(str(err).split())[:300]  # the keys at fault, on the one line an error gets
             raise UserError(f"{path}: its TII model does not fit this one ({detail})") from err
-        self.task = t
+        self.task = self.stage1_task = t
 
     def load_task_context(self, t: int) -> None:
         self.task = t
@@ -209,10 +210,9 @@ class HiDeMethod(ContinualMethod):
         if self.stage == "wtp":
             self._load_stage1(t)
         self._init_slot_from_previous(t)
-        freeze(getattr(self, self.slots_name), False)
-        freeze(self.head, False)
+        for trained in (getattr(self, self.slots_name), self.head, self.wtp_fc_norm):
+            freeze(trained, False)
         self.regularizer.set_prototypes(self.wtp_stats.prototypes() if self.cfg.reg else torch.zeros(0, 1))
-        freeze(self.wtp_fc_norm, False)
         return self._slot_param_groups(self._head_params())
 
     # --- training ----------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .base import classifier_head
+
 
 class MlpMapping(nn.Module):
     """z = LayerNorm(h + f(h)); f is len(hidden)+1 linear layers of widths dim*hidden[i], GELU after the first and
@@ -42,9 +44,7 @@ class TaskIdentityHead(nn.Module):
         super().__init__()
         self.mlp = MlpMapping(dim, mlp_structure, norm=not fresh_norm) if mlp_structure else nn.Identity()
         self.fc_norm = nn.LayerNorm(dim) if fresh_norm else nn.Identity()
-        self.head = nn.Linear(dim, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = classifier_head(dim, num_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(self.fc_norm(self.mlp(features)))

@@ -20,7 +20,7 @@ from config import PROMPT_FLAGS
 from datasets.scenario import Scenario
 from utils import UserError, warn
 
-from .base import ContinualMethod, masked_cross_entropy
+from .base import ContinualMethod, classifier_head, masked_cross_entropy
 from .prompts import PromptPool
 from .vit import check_promptable, create_backbone, forward_prompted, freeze, freeze_pretrained, pretrained_features
 
@@ -55,9 +55,7 @@ class PromptPoolMethod(ContinualMethod):
                                    learn_keys=cfg.prompt_key, key_dim=self.query_model.num_features)
         self.g_prompt = (nn.Parameter(torch.empty(len(self.g_layers), 2, cfg.g_prompt_length, heads, dim // heads)
                                       .uniform_(-1, 1)) if self.g_layers else None)
-        self.head = nn.Linear(self.backbone.num_features, scenario.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
         if cfg.batchwise_prompt_eval:
             warn("--batchwise_prompt_eval selects one prompt per test batch by majority vote; test batches hold one "
                  "task, so this leaks near-oracle task identity (the reference's evaluation)")

@@ -95,12 +95,19 @@ def test_imagenet_r_stale_split_file_is_an_error(tmp_path):
     _one_line_error(lambda: load_imagenet_r(str(root), 32, download=False), SPLIT_FILE, "delete")
 
 
+def _archived(source: Path, folder: str, archive: Path, *extra: str) -> Path:
+    """`source/folder` (and `source/extra...`) packed into `archive` (gzipped for .tgz) as the published archive
+    lays them out; returns the archive's folder, which holds nothing else."""
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(archive, "w:gz" if archive.suffix == ".tgz" else "w") as tar:
+        for name in (folder, *extra):
+            tar.add(source / name, arcname=name)
+    return archive.parent
+
+
 def test_imagenet_r_from_the_tar_archive(tmp_path):
     source = write_fake_imagenet_r(tmp_path / "src")
-    root = tmp_path / "data"
-    root.mkdir()
-    with tarfile.open(root / "imagenet-r.tar", "w") as tar:
-        tar.add(source / "imagenet-r", arcname="imagenet-r")
+    root = _archived(source, "imagenet-r", tmp_path / "data" / "imagenet-r.tar")
     bench = load_imagenet_r(str(root), input_size=32, download=False)
     assert bench.num_classes == 3 and len(bench.train) == 8 and len(bench.test) == 3
     assert (root / "imagenet-r.tar").is_file()  # the archive is kept
@@ -188,12 +195,8 @@ def test_cub_reads_the_official_split_files(tmp_path):
 
 def test_cub_from_the_tgz_archive(tmp_path):
     source = write_fake_cub(tmp_path / "src")
-    root = tmp_path / "data"
-    root.mkdir()
-    with tarfile.open(root / "CUB_200_2011.tgz", "w:gz") as tar:
-        tar.add(source / "CUB_200_2011", arcname="CUB_200_2011")
-        (source / "attributes.txt").write_text("1 has_bill_shape::curved\n")  # the real tgz has it at top level
-        tar.add(source / "attributes.txt", arcname="attributes.txt")
+    (source / "attributes.txt").write_text("1 has_bill_shape::curved\n")  # the real tgz has it at top level
+    root = _archived(source, "CUB_200_2011", tmp_path / "data" / "CUB_200_2011.tgz", "attributes.txt")
     bench = load_cub200(str(root), input_size=32, download=False)
     assert len(bench.train) == 5 and len(bench.test) == 3
     assert (root / "CUB_200_2011.tgz").is_file()

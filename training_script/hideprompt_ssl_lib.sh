@@ -5,19 +5,17 @@ source "$(dirname "${BASH_SOURCE[0]}")/hideprompt_lib.sh"
 
 # hide_ssl_two_stage DATASET BACKBONE_KEY MODEL [main.py flags...]; output names <dataset>_<key> as the reference's
 hide_ssl_two_stage() {
-  local dataset=$1 key=$2 model=$3 tii pe
+  local dataset=$1 key=$2 model=$3 pe
+  local tii="--batch-size 24 --epochs 20 --lr 0.0005 --ca_lr 0.005 --crct_epochs 30"  # stage 1, but 5-datasets
   shift 3
   case "$dataset" in
     cifar100)
-      tii="--batch-size 24 --epochs 20 --lr 0.0005 --ca_lr 0.005 --crct_epochs 30"
       pe="--batch-size 24 --epochs 20 --ca_lr 0.005 --crct_epochs 30 --prompt_momentum 0.1 --reg 0.1 --length 5
           --larger_prompt_lr" ;;
     imr)
-      tii="--batch-size 24 --epochs 20 --lr 0.0005 --ca_lr 0.005 --crct_epochs 30"
       pe="--batch-size 24 --epochs 50 --sched constant --ca_lr 0.005 --crct_epochs 30 --prompt_momentum 0.01
           --reg 0.5 --length 20 --larger_prompt_lr" ;;
     cub)
-      tii="--batch-size 24 --epochs 20 --lr 0.0005 --ca_lr 0.005 --crct_epochs 30"
       pe="--batch-size 24 --epochs 50 --ca_lr 0.005 --crct_epochs 30 --prompt_momentum 0.01 --reg 0.01 --length 20
           --larger_prompt_lr" ;;
     five_datasets)
