@@ -12,6 +12,7 @@ from .digits import load_digits
 from .five_datasets import load_five_datasets
 from .imagenet_r import load_imagenet_r
 from .scenario import Scenario, build_scenario
+from .stanford_cars import load_cars196
 
 # `--dataset` value -> loader(data_path, input_size, download) -> Benchmark
 BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
@@ -19,6 +20,7 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "Split-Digits": load_digits,
     "Split-Imagenet-R": load_imagenet_r,
     "Split-CUB200": load_cub200,
+    "Split-Cars196": load_cars196,
     "5-datasets": load_five_datasets,
 }
 

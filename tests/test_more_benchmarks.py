@@ -1,4 +1,5 @@
-"""Split ImageNet-R, Split CUB-200 and 5-datasets on tiny fake trees in the real on-disk formats (no downloads)."""
+"""Split ImageNet-R, Split CUB-200, 5-datasets and Split Cars196 on tiny fake trees in the real on-disk formats
+(no downloads)."""
 from __future__ import annotations
 
 import gzip
@@ -20,6 +21,7 @@ from datasets.cub import load_cub200
 from datasets.five_datasets import load_five_datasets
 from datasets.imagenet_r import SPLIT_FILE, load_imagenet_r
 from datasets.scenario import LoaderSettings
+from datasets.stanford_cars import CARS_URL, load_cars196
 from utils import UserError
 
 
@@ -49,9 +51,10 @@ def _one_line_error(call, *needles: str) -> str:
 IMAGENET_R_COUNTS = {"n01443537": 5, "n01484850": 4, "n01494475": 2}  # -> train 4+3+1, test 1+1+1
 
 
-def write_fake_imagenet_r(root: Path) -> Path:
+def write_fake_imagenet_r(root: Path, counts: dict[str, int] = IMAGENET_R_COUNTS) -> Path:
+    """`counts`: images per class folder (wnid)."""
     rng = np.random.default_rng(0)
-    for wnid, count in IMAGENET_R_COUNTS.items():
+    for wnid, count in counts.items():
         for i in range(count):
             _image(root / "imagenet-r" / wnid / f"{['art', 'cartoon', 'sketch'][i % 3]}_{i}.jpg", rng)
     return root
@@ -164,19 +167,21 @@ CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_
 CUB_IMAGES = [(1, 1), (1, 0), (1, 1), (2, 0), (2, 1), (2, 1), (3, 0), (3, 1)]
 
 
-def write_fake_cub(root: Path) -> Path:
+def write_fake_cub(root: Path, classes: list[str] = CUB_CLASSES,
+                   images: list[tuple[int, int]] = CUB_IMAGES) -> Path:
+    """The official CUB_200_2011 folder; `images` holds (class 1.., is_train) per image id."""
     rng = np.random.default_rng(0)
     folder = root / "CUB_200_2011"
     lines: dict[str, list[str]] = {"images.txt": [], "image_class_labels.txt": [], "train_test_split.txt": []}
-    for image_id, (label, is_train) in enumerate(CUB_IMAGES, start=1):
-        relpath = f"{CUB_CLASSES[label - 1]}/{CUB_CLASSES[label - 1][4:]}_{image_id:04d}_{image_id}.jpg"
+    for image_id, (label, is_train) in enumerate(images, start=1):
+        relpath = f"{classes[label - 1]}/{classes[label - 1][4:]}_{image_id:04d}_{image_id}.jpg"
         _image(folder / "images" / relpath, rng)
         lines["images.txt"].append(f"{image_id} {relpath}")
         lines["image_class_labels.txt"].append(f"{image_id} {label}")
         lines["train_test_split.txt"].append(f"{image_id} {is_train}")
     for name, content in lines.items():
         (folder / name).write_text("\n".join(content) + "\n")
-    (folder / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(CUB_CLASSES, 1)))
+    (folder / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(classes, 1)))
     return root
 
 
@@ -353,3 +358,100 @@ def test_five_datasets_notmnist_zip_is_extracted_and_bad_files_are_one_line(tmp_
     with gzip.open(mnist_labels, "wb") as handle:
         handle.write(b"\x00\x00\x08\x03garbage")
     _one_line_error(lambda: load_five_datasets(str(root), 32, download=False), str(mnist_labels), "magic")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stanford Cars
+# ----------------------------------------------------------------------------------------------------------------
+CARS_CLASSES = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012"]
+# class 1..3 per image, in annotation order
+CARS_TRAIN = [1, 3, 2, 1, 3]
+CARS_TEST = [2, 1, 3]
+
+
+def write_fake_cars(root: Path, classes: list[str] = CARS_CLASSES, train: list[int] = CARS_TRAIN,
+                    test: list[int] = CARS_TEST) -> Path:
+    """torchvision's StanfordCars layout; the annotations are struct arrays with the real files' fields. `train` and
+    `test` hold each image's class (1-based)."""
+    rng = np.random.default_rng(0)
+    folder = root / "stanford_cars"
+    (folder / "devkit").mkdir(parents=True)
+    savemat(folder / "devkit" / "cars_meta.mat", {"class_names": np.array(classes, dtype=object)})
+    fields = [("bbox_x1", "u2"), ("bbox_y1", "u2"), ("bbox_x2", "u2"), ("bbox_y2", "u2"), ("class", "u1"),
+              ("fname", "U9")]
+    for annos_file, images, labels in (("devkit/cars_train_annos.mat", "cars_train", train),
+                                         ("cars_test_annos_withlabels.mat", "cars_test", test)):
+        names = [f"{i:05d}.jpg" for i in range(1, len(labels) + 1)]
+        for name in names:
+            _image(folder / images / name, rng)
+        records = np.array([(1, 2, 9, 8, label, name) for label, name in zip(labels, names)], dtype=fields)
+        savemat(folder / annos_file, {"annotations": records})
+    return root
+
+
+def test_cars_reads_torchvisions_layout(tmp_path):
+    from torchvision.datasets import StanfordCars
+
+    root = write_fake_cars(tmp_path)
+    before = _tree(root)
+    bench = load_cars196(str(root), input_size=32, download=True)
+    assert bench.name == "Split-Cars196" and bench.num_classes == 3
+    assert bench.train_targets.tolist() == [0, 2, 1, 0, 2]
+    assert bench.test_targets.tolist() == [1, 0, 2]
+    assert len(bench.train) == len(bench.train_eval) == 5 and len(bench.test) == 3
+    image, label = bench.test[0]
+    assert image.shape == (3, 32, 32) and label == 1
+    assert bench.train[1][0].shape == (3, 32, 32) and bench.train_eval[1][0].shape == (3, 32, 32)
+    # torchvision reads the fake tree too, with the same classes and labels
+    for split, targets in (("train", bench.train_targets), ("test", bench.test_targets)):
+        reference = StanfordCars(str(root), split=split)
+        assert reference.classes == CARS_CLASSES
+        assert [reference[i][1] for i in range(len(reference))] == targets.tolist()
+    assert _tree(root) == before  # nothing written, nothing moved
+
+
+def test_cars_missing_data_explains_that_it_cannot_be_downloaded(tmp_path, monkeypatch):
+    import urllib.request
+
+    import torchvision.datasets.utils as tv_utils
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the loader must not try the network")
+
+    monkeypatch.setattr(tv_utils, "download_url", no_network)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    nothing = tmp_path / "nothing"
+    folder = nothing / "stanford_cars"
+    _one_line_error(lambda: load_cars196(str(nothing), 32, download=True),
+                    f"{folder} is missing", str(folder / "devkit" / "cars_meta.mat"), str(folder / "cars_test"),
+                    CARS_URL, "no longer serves", "by hand")
+    assert not nothing.exists()
+
+    root = write_fake_cars(tmp_path / "a")
+    (root / "stanford_cars" / "cars_test_annos_withlabels.mat").unlink()
+    _one_line_error(lambda: load_cars196(str(root), 32, download=True),
+                    f"{root / 'stanford_cars' / 'cars_test_annos_withlabels.mat'} is missing", CARS_URL)
+
+
+def test_cars_missing_image_and_bad_mat_files_name_the_file(tmp_path):
+    root = write_fake_cars(tmp_path / "a")
+    (root / "stanford_cars" / "cars_train" / "00002.jpg").unlink()
+    (root / "stanford_cars" / "cars_train" / "00004.jpg").unlink()
+    _one_line_error(lambda: load_cars196(str(root), 32, download=False),
+                    str(root / "stanford_cars" / "cars_train" / "00002.jpg"), "is missing (2 of 5")
+
+    root = write_fake_cars(tmp_path / "b")
+    meta = root / "stanford_cars" / "devkit" / "cars_meta.mat"
+    meta.write_bytes(b"not a mat file")
+    _one_line_error(lambda: load_cars196(str(root), 32, download=False), str(meta), "unreadable")
+
+    root = write_fake_cars(tmp_path / "c")
+    annos_file = root / "stanford_cars" / "devkit" / "cars_train_annos.mat"
+    annos_file.write_bytes(annos_file.read_bytes()[:200])
+    _one_line_error(lambda: load_cars196(str(root), 32, download=False), str(annos_file), "unreadable")
+
+    # a class beyond cars_meta.mat's list (e.g. a meta file from another copy)
+    root = write_fake_cars(tmp_path / "d")
+    meta = root / "stanford_cars" / "devkit" / "cars_meta.mat"
+    savemat(meta, {"class_names": np.array(CARS_CLASSES[:2], dtype=object)})
+    _one_line_error(lambda: load_cars196(str(root), 32, download=False), "cars_train_annos.mat", "1..2")
