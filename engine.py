@@ -6,11 +6,12 @@ task, then log and checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +30,28 @@ from utils import (DistContext, UserError, all_reduce_sum, atomic_torch_save, at
 def checkpoint_path(output_dir: str | Path, task: int) -> Path:
     """The reference's path, so stage-2 style reuse of a run's per-task files keeps working (task is 0-based)."""
     return Path(output_dir) / "checkpoint" / f"task{task + 1}_checkpoint.pth"
+
+
+def check_output_dir(cfg: Namespace, num_tasks: int, flag: str = "--output_dir") -> None:
+    """Refuse, before anything is written, to overwrite a run, to write where we cannot, or to evaluate nothing
+    (`flag` names the option that chose `cfg.output_dir`)."""
+    out = Path(cfg.output_dir)
+    if cfg.eval:
+        missing = [str(checkpoint_path(out, t)) for t in range(num_tasks) if not checkpoint_path(out, t).is_file()]
+        if missing:
+            raise UserError(f"--eval needs the checkpoint of every task, but {len(missing)} are missing "
+                            f"(first: {missing[0]}); point {flag} at a finished run")
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not cfg.resume:
+        raise UserError(f"{flag} {out} is not empty; pass --resume to continue the run in it, "
+                        f"or choose another {flag}")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out} is not writable ({existing} does not allow it); choose another folder")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,9 +321,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                         f"delete it to retrain that task") from err
 
 
-def check_same_experiment(saved: dict[str, Any], cfg: Namespace, path: Path) -> None:
+def check_same_experiment(saved: dict[str, Any], cfg: Namespace, path: Path,
+                          keys: Sequence[str] = EXPERIMENT_KEYS) -> None:
+    """`saved` (a saved config) and `cfg` agree on `keys`, the settings that define what `path` holds."""
     current = config_to_dict(cfg)
-    differing = [k for k in EXPERIMENT_KEYS if saved.get(k) != current.get(k)]
+    differing = [k for k in keys if saved.get(k) != current.get(k)]
     if differing:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
         raise UserError(f"{path} belongs to another experiment ({detail}); use its settings or a new --output_dir")

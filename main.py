@@ -4,36 +4,11 @@
 """
 from __future__ import annotations
 
-import os
 import sys
 from argparse import Namespace
-from pathlib import Path
 from typing import Sequence
 
 from utils import AbortedOnOtherRank, UserError, is_main_process
-
-
-def check_output_dir(cfg: Namespace, num_tasks: int) -> None:
-    """Refuse, before anything is written, to overwrite a run, to write where we cannot, or to evaluate nothing."""
-    from engine import checkpoint_path  # noqa: PLC0415 (keeps --help fast)
-
-    out = Path(cfg.output_dir)
-    if cfg.eval:
-        missing = [str(checkpoint_path(out, t)) for t in range(num_tasks) if not checkpoint_path(out, t).is_file()]
-        if missing:
-            raise UserError(f"--eval needs the checkpoint of every task, but {len(missing)} are missing "
-                            f"(first: {missing[0]}); point --output_dir at a finished run")
-        return
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not cfg.resume:
-        raise UserError(f"--output_dir {out} is not empty; pass --resume to continue the run in it, "
-                        f"or choose another --output_dir")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {out} is not writable ({existing} does not allow it); choose another folder")
 
 
 def check_weight_files(cfg: Namespace) -> None:
@@ -82,7 +57,7 @@ def _run(cfg: Namespace) -> int:
     # the class split and the weight files are checked before any data is read, so these fail in a second
     build_scenario(cfg.num_classes, cfg.num_tasks, cfg.shuffle, cfg.seed, cfg.dataset)
     check_weight_files(cfg)
-    check_output_dir(cfg, cfg.num_tasks)
+    engine.check_output_dir(cfg, cfg.num_tasks)
     barrier()  # every rank has looked at output_dir before rank 0 writes into it
 
     seed_everything(cfg.seed)

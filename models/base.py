@@ -6,7 +6,7 @@ whatever the method trains.
 from __future__ import annotations
 
 from argparse import Namespace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -32,6 +32,46 @@ def classifier_head(dim: int, num_classes: int) -> nn.Linear:
     nn.init.trunc_normal_(head.weight, std=0.02)
     nn.init.zeros_(head.bias)
     return head
+
+
+def check_run_complete(directory: str, num_tasks: int, flag: str, hint: str) -> None:
+    """Every task checkpoint of the run in `directory` (which option `flag` points at) is there; `hint` says how to
+    make them."""
+    from engine import checkpoint_path  # noqa: PLC0415 (engine imports models)
+
+    missing = [t for t in range(num_tasks) if not checkpoint_path(directory, t).is_file()]
+    if missing:
+        raise UserError(f"{flag} {directory}: {checkpoint_path(directory, missing[0])} is missing ({len(missing)} of "
+                        f"{num_tasks} task checkpoints absent); {hint}")
+
+
+def read_run_checkpoint(directory: str, t: int, cfg: Namespace, kind: str, is_kind: Callable[[dict], bool],
+                        same_keys: Sequence[str], hint: str) -> dict[str, torch.Tensor]:
+    """The model state saved after task t by the run in `directory`, once its config shows it is `kind` (`hint` says
+    how to make one) and agrees with `cfg` on `same_keys`."""
+    from engine import checkpoint_path, load_checkpoint  # noqa: PLC0415
+
+    path = checkpoint_path(directory, t)
+    saved = load_checkpoint(path)
+    theirs = saved.get("config", {})
+    if not is_kind(theirs):
+        raise UserError(f"{path} is not {kind} (method {theirs.get('method')!r}, stage {theirs.get('stage')!r}); "
+                        f"{hint}")
+    mine = vars(cfg)
+    differing = [k for k in same_keys if theirs.get(k) != mine.get(k)]
+    if differing:
+        detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differing)
+        raise UserError(f"{path} was trained with other settings ({detail}); use that run's settings")
+    return saved["model"]
+
+
+def load_prefixed(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, source: str) -> None:
+    """Load the entries of `state` under `prefix` into `module`; every key must fit."""
+    try:
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]  # the keys at fault, on the one line an error gets
+        raise UserError(f"{source}: its {prefix.rstrip('.')} does not fit this model ({detail})") from err
 
 
 class ContinualMethod(nn.Module):

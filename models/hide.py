@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from datasets.scenario import Scenario
 from utils import UserError, log, maybe_autocast
 
-from .base import ContinualMethod, classifier_head, masked_cross_entropy
+from .base import (ContinualMethod, check_run_complete, classifier_head, load_prefixed, masked_cross_entropy,
+                   read_run_checkpoint)
 from .class_statistics import ClassStatistics, ContrastiveRegularizer, task_adaptive_prediction
 from .original_model import TaskIdentityHead
 from .vit import check_promptable, create_backbone, freeze, pretrained_features
@@ -33,6 +34,7 @@ from .vit import check_promptable, create_backbone, freeze, pretrained_features
 # a stage-1 run that stage 2 reads must agree with it on these (the TII model's input, structure and classes)
 STAGE1_KEYS = ("dataset", "original_backbone", "original_model_checkpoint", "original_model_mlp_structure",
                "num_tasks", "class_order", "input_size", "pretrained")
+STAGE1_HINT = "point --trained_original_model at a finished stage-1 run (--train_inference_task_only; --resume one)"
 # methods whose stage 1 is this one (the same TII model), so either's stage-1 run feeds either's stage 2
 HIDE_METHODS = ("hideprompt", "hidelora")
 HIDE_READS_FLAGS = frozenset({"original_model", "size", "stage", "train_inference_task_only",
@@ -149,39 +151,19 @@ class HiDeMethod(ContinualMethod):
 
     # --- stage 1 files ---------------------------------------------------------------------------------------
     def _check_stage1_run(self, num_tasks: int) -> None:
-        missing = [t for t in range(num_tasks) if not stage1_checkpoint(self.cfg.trained_original_model, t).is_file()]
-        if missing:
-            raise UserError(f"--trained_original_model {self.cfg.trained_original_model}: "
-                            f"{stage1_checkpoint(self.cfg.trained_original_model, missing[0])} is missing "
-                            f"({len(missing)} of {num_tasks} task checkpoints absent); finish stage 1 first "
-                            f"(--train_inference_task_only, or --resume it)")
+        check_run_complete(self.cfg.trained_original_model, num_tasks, "--trained_original_model", STAGE1_HINT)
         self._load_stage1(0)
 
     def _load_stage1(self, t: int) -> None:
         """Stage 1's model after task t: the TII model trained on tasks <= t, never a later one. Every key must
         fit (the reference's HiDe-LoRA loads with strict=False and silently ignores what does not, Q18)."""
-        from engine import load_checkpoint  # noqa: PLC0415
-
         if self.stage1_task == t:  # stage 2 never changes the TII model: task t's is still in place
             return
-        path = stage1_checkpoint(self.cfg.trained_original_model, t)
-        saved = load_checkpoint(path)
-        config = saved.get("config", {})
-        if config.get("method") not in HIDE_METHODS or config.get("stage") not in ("tii", "both"):
-            raise UserError(f"{path} is not a HiDe-Prompt stage-1 checkpoint, the TII model HiDe-LoRA shares "
-                            f"(method {config.get('method')!r}, stage {config.get('stage')!r}); point "
-                            f"--trained_original_model at a run made with --train_inference_task_only")
-        mine = vars(self.cfg)
-        differing = [k for k in STAGE1_KEYS if config.get(k) != mine.get(k)]
-        if differing:
-            detail = ", ".join(f"{k}: {config.get(k)!r} there, {mine.get(k)!r} here" for k in differing)
-            raise UserError(f"{path} was trained with other settings ({detail}); stage 2 must use stage 1's")
-        state = {k[len("tii."):]: v for k, v in saved["model"].items() if k.startswith("tii.")}
-        try:
-            self.tii.load_state_dict(state)
-        except RuntimeError as err:
-            detail = " ".join(str(err).split())[:300]  # the keys at fault, on the one line an error gets
-            raise UserError(f"{path}: its TII model does not fit this one ({detail})") from err
+        state = read_run_checkpoint(
+            self.cfg.trained_original_model, t, self.cfg, "a HiDe-Prompt stage-1 checkpoint, the TII model "
+            "HiDe-LoRA shares", lambda c: c.get("method") in HIDE_METHODS and c.get("stage") in ("tii", "both"),
+            STAGE1_KEYS, STAGE1_HINT)
+        load_prefixed(self.tii, state, "tii.", str(stage1_checkpoint(self.cfg.trained_original_model, t)))
         self.task = self.stage1_task = t
 
     def load_task_context(self, t: int) -> None:
