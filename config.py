@@ -42,6 +42,23 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     # spec §9.4 (configs/*_continual_lora.py, *_hidelora.py): gradient clipping 2.0, the LoRA module by name
     "continual_lora": dict(lora_type="continual", clip_grad=2.0),
     "hidelora": dict(lora_type="hide", clip_grad=2.0, original_model_mlp_structure=[2]),
+    # spec §13 (configs/*_few_shot_lora.py); the upstream datasets and class split come from FEW_SHOT_PRESETS
+    "few_shot_lora": dict(lora_type="hide", clip_grad=2.0),
+}
+FEW_SHOT_METHOD = "few_shot_lora"
+
+# The few-shot LoRA flow (spec §13) is `<key>_few_shot_lora` for a key of this table: the upstream datasets, each
+# one's continual classes (its first labels), few-shot classes (the next ones) and tasks, and the reference's
+# per-config defaults. A key that is also a DATASET_PRESETS key takes that row first (digits: the tiny model).
+FEW_SHOT_PRESETS: dict[str, dict[str, Any]] = {
+    "imr": dict(datasets=["Split-Imagenet-R"], continual_classes_per_dataset=[160], few_shot_classes_per_dataset=[40],
+                tasks_per_dataset=[8], num_fs_epochs=20, fs_backbone="shared"),
+    "cub_cars": dict(datasets=["Split-Cars196", "Split-CUB200"], continual_classes_per_dataset=[160, 160],
+                     few_shot_classes_per_dataset=[36, 40], tasks_per_dataset=[8, 8], num_fs_epochs=50,
+                     fs_backbone="vanilla+shared"),
+    "digits": dict(datasets=["Split-Digits"], continual_classes_per_dataset=[6], few_shot_classes_per_dataset=[4],
+                   tasks_per_dataset=[3], num_ways=4, num_queries=30, num_episodes=10, num_fs_epochs=20, fs_lr=0.01,
+                   lr=0.3, fs_backbone="shared"),
 }
 
 # (dataset, method) cells that differ from the row and column above
@@ -72,7 +89,8 @@ PAIR_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("digits", "hidelora"): dict(tii_lr=0.01, tii_epochs=2, crct_epochs=5, n_centroids=3),
 }
 
-SUBCOMMANDS: list[str] = [f"{d}_{m}" for d in DATASET_PRESETS for m in METHOD_PRESETS]
+SUBCOMMANDS: list[str] = ([f"{d}_{m}" for d in DATASET_PRESETS for m in METHOD_PRESETS if m != FEW_SHOT_METHOD]
+                          + [f"{k}_{FEW_SHOT_METHOD}" for k in FEW_SHOT_PRESETS])
 
 # Flags the reference declares but never reads (spec Q35), and reference flags whose effect belongs to methods
 # this suite has not got yet: accepted so published command lines parse, with a warning when given.
@@ -87,6 +105,10 @@ HIDE_FLAGS = ("stage", "train_inference_task_only", "trained_original_model", "o
               "tii_epochs", "tii_lr", "ca_storage_efficient_method", "n_centroids", "crct_epochs", "ca_lr",
               "not_train_ca", "reg", "prompt_momentum", "larger_prompt_lr")
 LORA_FLAGS = ("lora_type", "lora_rank", "lora_depth", "lora_init", "lora_momentum")
+FEW_SHOT_FLAGS = ("datasets", "continual_classes_per_dataset", "few_shot_classes_per_dataset", "tasks_per_dataset",
+                  "train_vanilla", "train_shared", "train_few_shot", "vanilla_model_output_dir",
+                  "shared_model_output_dir", "num_shots", "num_ways", "num_episodes", "num_queries", "num_fs_epochs",
+                  "fs_lr", "fs_backbone", "few_shot_dataset_idx", "few_class_idx")
 # flags with no effect in any method; method-specific flags (PROMPT_FLAGS, --original_model) warn where unused
 NO_EFFECT_FLAGS = {*NEVER_READ_FLAGS, "freeze", "head_type", "world_size", "prompt_pool", "prompt_key_init",
                    "embedding_key", "same_key_value"}
@@ -233,6 +255,34 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                    help="hidelora: after task t, slot t <- (1-m) slot t + m mean(earlier slots) (the reference reads "
                         "it without defining it)")
 
+    g = parser.add_argument_group("few-shot LoRA (few_shot_lora; spec §13)")
+    g.add_argument("--datasets", nargs="+", help="upstream datasets (--dataset names), set by the subcommand")
+    g.add_argument("--continual_classes_per_dataset", type=int, nargs="+",
+                   help="per dataset: its first N labels are learnt continually upstream")
+    g.add_argument("--few_shot_classes_per_dataset", type=int, nargs="+",
+                   help="per dataset: the next N labels are held out for the few-shot episodes")
+    g.add_argument("--tasks_per_dataset", type=int, nargs="+", help="per dataset: upstream tasks of its classes")
+    _bool(g, "--train_vanilla", default=False,
+          help="upstream: a linear head on the frozen backbone (it picks the LoRA slot of each image's dataset)")
+    _bool(g, "--train_shared", default=False, help="upstream: a LoRA slot per dataset and a head")
+    _bool(g, "--train_few_shot", default=False,
+          help="the episodes; with none of the three switches, all three run in turn")
+    g.add_argument("--vanilla_model_output_dir", help="the vanilla upstream run (default <output_dir>/vanilla_model)")
+    g.add_argument("--shared_model_output_dir", help="the shared upstream run (default <output_dir>/shared_model)")
+    g.add_argument("--num_shots", type=int, default=5, help="training images per class in an episode")
+    g.add_argument("--num_ways", type=int, default=5, help="classes per episode")
+    g.add_argument("--num_episodes", type=int, default=100)
+    g.add_argument("--num_queries", type=int, default=100, help="test images per class in an episode (at most)")
+    g.add_argument("--num_fs_epochs", type=int, default=20, help="full-batch epochs of an episode's fresh head")
+    g.add_argument("--fs_lr", type=float, default=0.001, help="Adam LR of an episode's head (not scaled)")
+    g.add_argument("--fs_backbone", choices=["vanilla", "shared", "vanilla+shared"], default="shared",
+                   help="vanilla: the pre-trained backbone; shared: with the few-shot dataset's LoRA slot; "
+                        "vanilla+shared: with the slot the vanilla model picks from the support images")
+    g.add_argument("--few_shot_dataset_idx", type=int, default=0, help="which of --datasets the episodes draw from")
+    g.add_argument("--few_class_idx", type=int, nargs="+",
+                   help="the episodes' classes (that dataset's labels); more than --num_ways: each episode draws "
+                        "--num_ways of them. Default: its first --num_ways few-shot classes, as the reference")
+
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", "--data_path", dest="data_path", default="./data")
     g.add_argument("--dataset", help="benchmark name (set by the subcommand)")
@@ -297,7 +347,8 @@ def split_subcommand_name(subcommand: str) -> tuple[str, str]:
     `continual_lora`), so the longest method name that ends the subcommand after a known dataset key wins."""
     for method in sorted(METHOD_PRESETS, key=len, reverse=True):
         dataset_key = subcommand[: -len(method) - 1]
-        if subcommand.endswith(f"_{method}") and dataset_key in DATASET_PRESETS:
+        keys = FEW_SHOT_PRESETS if method == FEW_SHOT_METHOD else DATASET_PRESETS
+        if subcommand.endswith(f"_{method}") and dataset_key in keys:
             return dataset_key, method
     raise KeyError(subcommand)
 
@@ -305,14 +356,17 @@ def split_subcommand_name(subcommand: str) -> tuple[str, str]:
 def subcommand_defaults(subcommand: str) -> dict[str, Any]:
     dataset_key, method = split_subcommand_name(subcommand)
     values: dict[str, Any] = {}
-    for layer in (DATASET_PRESETS[dataset_key], METHOD_PRESETS[method], PAIR_PRESETS.get((dataset_key, method), {})):
+    for layer in (DATASET_PRESETS.get(dataset_key, {}), METHOD_PRESETS[method],
+                  PAIR_PRESETS.get((dataset_key, method), {}),
+                  FEW_SHOT_PRESETS.get(dataset_key, {}) if method == FEW_SHOT_METHOD else {}):
         values.update(layer)
     values.update(subcommand=subcommand, dataset_key=dataset_key, method=method)
     return values
 
 
 def build_parser(subcommand: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"main.py {subcommand}", allow_abbrev=False,
+    entry = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "main.py"  # fsl.py, the alias
+    parser = argparse.ArgumentParser(prog=f"{entry} {subcommand}", allow_abbrev=False,
                                      description=f"continual learning: {subcommand}")
     _add_flags(parser)
     parser.set_defaults(**subcommand_defaults(subcommand))
@@ -388,7 +442,8 @@ def finalize(cfg: argparse.Namespace) -> argparse.Namespace:
     cfg.global_batch_size = cfg.batch_size * world
     cfg.effective_lr = cfg.lr * (cfg.batch_size if cfg.unscale_lr else cfg.global_batch_size) / 256.0
     METHODS[cfg.method].finalize_config(cfg)
-    method_flags = {"original_model", *PROMPT_FLAGS, *HIDE_FLAGS, *LORA_FLAGS} - METHODS[cfg.method].reads_flags
+    method_flags = ({"original_model", *PROMPT_FLAGS, *HIDE_FLAGS, *LORA_FLAGS, *FEW_SHOT_FLAGS}
+                    - METHODS[cfg.method].reads_flags)
     if "original_model" in method_flags:
         method_flags.add("original_model_checkpoint")
     cfg.no_effect_flags = sorted(explicit & (NO_EFFECT_FLAGS | method_flags))

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(cfg: Namespace) -> int:
     import engine
     import metrics
-    from config import config_to_dict
+    from config import FEW_SHOT_METHOD, config_to_dict
     from datasets import build_scenario, load_benchmark
     from datasets.scenario import LoaderSettings
     from models import create_method
@@ -54,6 +54,10 @@ def _run(cfg: Namespace) -> int:
     cfg.world_size = ctx.world_size
     for flag in cfg.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
+    if cfg.method == FEW_SHOT_METHOD:  # not one continual run but a flow of them (few_shot.py)
+        check_weight_files(cfg)
+        import few_shot
+        return few_shot.run(cfg, ctx)
     # the class split and the weight files are checked before any data is read, so these fail in a second
     build_scenario(cfg.num_classes, cfg.num_tasks, cfg.shuffle, cfg.seed, cfg.dataset)
     check_weight_files(cfg)

@@ -70,3 +70,17 @@ def format_summary(summary: dict[str, float | None], task: int, num_tasks: int) 
         f"forgetting {fmt(summary['forgetting'])} (standard {fmt(summary['forgetting_standard'])}) | "
         f"BWT {fmt(summary['bwt'])}"
     )
+
+
+def episode_summary(accuracies: list[float]) -> dict[str, float | None]:
+    """Mean accuracy over few-shot episodes with its 95% confidence interval, 1.96 x s / sqrt(n), s the sample
+    standard deviation (ddof 1; none for a single episode). The reference printed 1.96 x std, without the sqrt(n),
+    and with the population std: kept as `reference_interval` to compare with its logs."""
+    values = np.asarray(accuracies, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return {"episodes": 0, "mean_acc": None, "std_acc": None, "ci95": None, "reference_interval": None}
+    std = float(values.std(ddof=1)) if n > 1 else None
+    return {"episodes": n, "mean_acc": float(values.mean()), "std_acc": std,
+            "ci95": 1.96 * std / np.sqrt(n) if std is not None else None,
+            "reference_interval": float(1.96 * values.std())}

@@ -66,6 +66,7 @@ class Scenario:
     num_classes: int
     benchmark: Benchmark | None = None
     loader: LoaderSettings = field(default_factory=lambda: LoaderSettings(batch_size=1))
+    task_datasets: list[int] | None = None  # the dataset of each task, when several datasets are learnt in turn
 
     @property
     def num_tasks(self) -> int:

@@ -7,6 +7,7 @@ from datasets.scenario import Scenario
 
 from .base import ContinualMethod
 from .continual_lora import ContinualLoRA
+from .few_shot_lora import SharedLoRA
 from .finetune import Finetune
 from .hidelora import HiDeLoRA
 from .hideprompt import HiDePrompt
@@ -28,6 +29,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
     "hideprompt": HiDePrompt,
     "continual_lora": ContinualLoRA,
     "hidelora": HiDeLoRA,
+    "few_shot_lora": SharedLoRA,  # the upstream shared model; the flow around it is few_shot.py
 }
 
 

@@ -31,14 +31,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_cli(args: list[str], nproc: int = 0, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python main.py ...`, or under `torchrun --nproc_per_node=nproc` when nproc > 0."""
+def run_cli(args: list[str], nproc: int = 0, timeout: int = 300, script: str = "main.py"
+            ) -> subprocess.CompletedProcess:
+    """`python main.py ...` (or another entry script), or under `torchrun --nproc_per_node=nproc` when nproc > 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "main.py", *args]
+               f"--master_port={free_port()}", script, *args]
     else:
-        cmd = [sys.executable, "main.py", *args]
+        cmd = [sys.executable, script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,0 +1,274 @@
+"""Few-shot LoRA (spec §13): `main.py <key>_few_shot_lora`, or the reference's `fsl.py <key>_few_shot_lora`.
+
+Three parts, chosen by the reference's switches (with none of them, all three run in turn):
+- `--train_vanilla`: the linear probe (`models.linear`) learnt continually over the upstream tasks (the continual
+  classes of `--datasets`), an ordinary engine run in `--vanilla_model_output_dir`.
+- `--train_shared`: the shared model (`models.few_shot_lora`, a LoRA slot per dataset), the same way, in
+  `--shared_model_output_dir`; with several datasets its test images take the slot the vanilla run predicts.
+- `--train_few_shot`: `--num_episodes` episodes of `--num_ways`-way `--num_shots`-shot classification on held-out
+  classes of `--datasets[--few_shot_dataset_idx]`: a fresh linear head on the frozen `--fs_backbone` features,
+  `--num_fs_epochs` full-batch Adam epochs on the augmented support images, top-1 on up to `--num_queries` test
+  images per class. Mean accuracy and its 95% interval go to `<output_dir>/few_shot_*.json`.
+
+Upstream runs are distributed as every other run (one model, gradients averaged over ranks; the reference trained an
+independent replica per rank). Episodes are shared out among the ranks, each a function of (seed, episode) alone, so
+the results do not depend on the number of processes; the results file is rewritten after every round of episodes
+and `--resume` continues it.
+"""
+from __future__ import annotations
+
+from argparse import Namespace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+import engine
+import metrics
+from config import config_to_dict
+from datasets import load_benchmark
+from datasets.base import Benchmark, TransformedDataset
+from datasets.few_shot import EpisodeSampler, build_upstream_scenario, check_class_split, upstream_benchmark
+from datasets.scenario import LoaderSettings, Scenario
+from models import METHODS
+from models.base import check_run_complete
+from models.few_shot_lora import VANILLA_HINT, SharedLoRA
+from models.lora import forward_lora
+from models.vit import create_backbone, freeze
+from utils import (DistContext, UserError, all_gather_rows, atomic_write_json, barrier, is_main_process, log,
+                   maybe_autocast, seed_everything)
+
+# a results file continued with --resume must come from the same episodes (their number may grow)
+EPISODE_KEYS = ("datasets", "continual_classes_per_dataset", "few_shot_classes_per_dataset", "few_shot_dataset_idx",
+                "few_class_idx", "num_ways", "num_shots", "num_queries", "num_fs_epochs", "fs_lr", "fs_backbone",
+                "backbone", "pretrained_checkpoint", "pretrained", "input_size", "seed", "amp")
+SHARED_HINT = VANILLA_HINT.replace("--train_vanilla", "--train_shared")
+
+
+def upstream_config(cfg: Namespace, part: str) -> Namespace:
+    """The config of the `vanilla` or `shared` upstream run: its own folder, and `stage` telling the two apart."""
+    run_cfg = Namespace(**vars(cfg))
+    run_cfg.stage = part
+    run_cfg.output_dir = cfg.vanilla_model_output_dir if part == "vanilla" else cfg.shared_model_output_dir
+    return run_cfg
+
+
+def results_path(cfg: Namespace) -> Path:
+    dataset = cfg.datasets[cfg.few_shot_dataset_idx]
+    return Path(cfg.output_dir) / f"few_shot_{cfg.fs_backbone}_{dataset}_{cfg.num_ways}way_{cfg.num_shots}shot.json"
+
+
+def _needs_shared(cfg: Namespace) -> bool:
+    return cfg.fs_backbone != "vanilla"
+
+
+def _needs_vanilla(cfg: Namespace) -> bool:
+    """The vanilla run picks LoRA slots only when there are several datasets to pick from."""
+    return len(cfg.datasets) > 1 and (cfg.train_shared or (cfg.train_few_shot and cfg.fs_backbone == "vanilla+shared"))
+
+
+def check_plan(cfg: Namespace, scenario: Scenario) -> None:
+    """Before anything is read or written: every folder written is free (or resumed), every run read is complete."""
+    num_tasks = scenario.num_tasks
+    for part, switch in (("vanilla", cfg.train_vanilla), ("shared", cfg.train_shared)):
+        if switch:
+            engine.check_output_dir(upstream_config(cfg, part), num_tasks, f"--{part}_model_output_dir")
+    if cfg.train_few_shot:
+        path = results_path(cfg)
+        if path.exists() and not cfg.resume:
+            raise UserError(f"{path} exists; pass --resume to continue its episodes, or choose another --output_dir")
+        if _needs_shared(cfg) and not cfg.train_shared:
+            check_run_complete(cfg.shared_model_output_dir, num_tasks, "--shared_model_output_dir", SHARED_HINT)
+    if not cfg.train_vanilla and _needs_vanilla(cfg):
+        check_run_complete(cfg.vanilla_model_output_dir, num_tasks, "--vanilla_model_output_dir", VANILLA_HINT)
+
+
+def run(cfg: Namespace, ctx: DistContext) -> int:
+    scenario = build_upstream_scenario(cfg.continual_classes_per_dataset, cfg.tasks_per_dataset, cfg.shuffle,
+                                       cfg.seed, cfg.datasets)
+    cfg.class_order = scenario.class_order
+    check_plan(cfg, scenario)
+    barrier()  # every rank has checked the folders before rank 0 writes into them
+
+    members = [load_benchmark(name, cfg.data_path, cfg.input_size) for name in cfg.datasets]
+    for member, continual, few in zip(members, cfg.continual_classes_per_dataset, cfg.few_shot_classes_per_dataset):
+        check_class_split(member, continual, few)
+    log(f"{cfg.subcommand}: upstream {scenario.num_tasks} tasks over {scenario.num_classes} continual classes of "
+        f"{cfg.dataset}; vanilla {cfg.train_vanilla}, shared {cfg.train_shared}, few-shot {cfg.train_few_shot}")
+    if cfg.train_vanilla or cfg.train_shared:
+        scenario.benchmark = upstream_benchmark(members, cfg.continual_classes_per_dataset)
+        scenario.loader = LoaderSettings(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                         pin_memory=cfg.pin_mem and ctx.device.type == "cuda", seed=cfg.seed)
+        for part, switch in (("vanilla", cfg.train_vanilla), ("shared", cfg.train_shared)):
+            if switch:
+                _run_upstream(part, upstream_config(cfg, part), scenario, ctx)
+    if cfg.train_few_shot:
+        run_episodes(cfg, members[cfg.few_shot_dataset_idx], scenario, ctx)
+    return 0
+
+
+def _run_upstream(part: str, cfg: Namespace, scenario: Scenario, ctx: DistContext) -> None:
+    log(f"=== upstream {part} model -> {cfg.output_dir}")
+    seed_everything(cfg.seed)
+    method = (METHODS["linear"] if part == "vanilla" else SharedLoRA)(cfg, scenario).to(ctx.device)
+    if isinstance(method, SharedLoRA):
+        method.check_vanilla_run()
+    results = (engine.evaluate_checkpoints if cfg.eval else engine.run)(method, scenario, cfg, ctx)
+    if results["final"] is not None and results["completed_tasks"] == scenario.num_tasks:
+        log(f"upstream {part}: {metrics.format_summary(results['final'], scenario.num_tasks - 1, scenario.num_tasks)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Episodes
+# ----------------------------------------------------------------------------------------------------------------
+class EpisodeBackbone:
+    """The frozen feature extractor of the episodes: the pre-trained ViT, or the shared run's final model with one
+    LoRA slot (`slot_for` picks it: the few-shot dataset's own, or the vanilla run's vote on the support images).
+    Test-image features are kept per (slot, image): episodes drawing the same query images reuse them."""
+
+    def __init__(self, cfg: Namespace, scenario: Scenario, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.shared: SharedLoRA | None = None
+        seed_everything(cfg.seed)  # as before the upstream runs: an untrained (--pretrained False) ViT is theirs
+        if _needs_shared(cfg):
+            shared_cfg = upstream_config(cfg, "shared")
+            self.shared = SharedLoRA(shared_cfg, scenario).to(device)
+            last = scenario.num_tasks - 1
+            path = engine.checkpoint_path(shared_cfg.output_dir, last)
+            saved = engine.load_checkpoint(path)
+            engine.check_same_experiment(saved["config"], shared_cfg, path)
+            self.shared.load_checkpoint_state(saved["model"], str(path))
+            if cfg.fs_backbone == "vanilla+shared":
+                self.shared.load_task_context(last)  # the vanilla head over every continual class votes
+            self.shared.eval()
+            self.backbone = self.shared.backbone
+        else:
+            self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size,
+                                            checkpoint=cfg.pretrained_checkpoint).to(device).eval()
+            freeze(self.backbone)
+        self.query_features: dict[tuple[int | None, int], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, slot: int | None) -> torch.Tensor:
+        with maybe_autocast(self.device, self.cfg.amp):
+            if slot is None:
+                return self.backbone(images).float()
+            return forward_lora(self.backbone, images, self.shared.lora, slot).float()
+
+    @torch.no_grad()
+    def slot_for(self, member: Benchmark, support: np.ndarray) -> int | None:
+        """None (no LoRA), the few-shot dataset's slot, or the vanilla run's majority vote over the support images
+        (seen without augmentation; a tie goes to the lower slot, as in the reference)."""
+        if self.shared is None:
+            return None
+        if self.cfg.fs_backbone == "shared":
+            return self.cfg.few_shot_dataset_idx
+        images = torch.stack([member.train_eval[int(i)][0] for i in support]).to(self.device)
+        with maybe_autocast(self.device, self.cfg.amp):
+            votes = self.shared.predict_dataset(images)
+        return int(torch.bincount(votes).argmax())
+
+    def test_features(self, test: Any, indices: np.ndarray, slot: int | None) -> torch.Tensor:
+        missing = [int(i) for i in indices if (slot, int(i)) not in self.query_features]
+        if missing:
+            loader = DataLoader(Subset(test, missing), batch_size=self.cfg.batch_size,
+                                num_workers=self.cfg.num_workers)
+            done = 0
+            for images, _ in loader:
+                for row in self.features(images.to(self.device, non_blocking=True), slot):
+                    self.query_features[(slot, missing[done])] = row
+                    done += 1
+        return torch.stack([self.query_features[(slot, int(i))] for i in indices])
+
+
+class SupportImages:
+    """An episode's support images, decoded once and augmented afresh at every epoch (the reference re-read them)."""
+
+    def __init__(self, dataset: Any, indices: np.ndarray):
+        if isinstance(dataset, TransformedDataset):
+            raw = [dataset.load(int(i)) for i in indices]
+            transform = dataset.transform or (lambda sample: sample)
+            self.draw: Callable[[], torch.Tensor] = lambda: torch.stack([transform(x) for x in raw])
+        else:
+            self.draw = lambda: torch.stack([dataset[int(i)][0] for i in indices])
+
+
+def run_episode(e: int, sampler: EpisodeSampler, member: Benchmark, backbone: EpisodeBackbone, cfg: Namespace,
+                device: torch.device) -> tuple[float, int]:
+    """(accuracy in %, slot or -1) of episode e; its head, augmentations and draws depend on (seed, e) only."""
+    episode = sampler.episode(e)
+    labels = torch.as_tensor(member.train_targets[episode.support], device=device)
+    positions = torch.as_tensor(episode.classes, device=device)
+    targets = torch.searchsorted(positions, labels)  # class k of the head = the k-th smallest label
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed * 100_003 + e)
+        slot = backbone.slot_for(member, episode.support)
+        head = nn.Linear(backbone.backbone.num_features, cfg.num_ways).to(device)
+        optimizer = torch.optim.Adam(head.parameters(), lr=cfg.fs_lr)
+        support = SupportImages(member.train, episode.support)
+        for _ in range(cfg.num_fs_epochs):
+            features = backbone.features(support.draw().to(device, non_blocking=True), slot)
+            loss = F.cross_entropy(head(features), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    query_targets = torch.searchsorted(positions, torch.as_tensor(member.test_targets[episode.query], device=device))
+    with torch.no_grad():
+        predicted = head(backbone.test_features(member.test, episode.query, slot)).argmax(1)
+    accuracy = 100.0 * (predicted == query_targets).double().mean().item()
+    return accuracy, -1 if slot is None else slot
+
+
+def run_episodes(cfg: Namespace, member: Benchmark, scenario: Scenario, ctx: DistContext) -> dict[str, Any]:
+    path = results_path(cfg)
+    episodes: list[dict[str, Any]] = []
+    if cfg.resume and path.is_file():
+        saved = _read_results(path)
+        engine.check_same_experiment(saved.get("config", {}), cfg, path, EPISODE_KEYS)
+        episodes = saved["episodes"][: cfg.num_episodes]
+    sampler = EpisodeSampler(member, cfg.few_class_idx, cfg.num_ways, cfg.num_shots, cfg.num_queries, cfg.seed)
+    backbone = EpisodeBackbone(cfg, scenario, ctx.device)
+    record = _results(cfg, member, episodes)
+    log(f"=== few-shot: {cfg.num_episodes} episodes, {cfg.num_ways}-way {cfg.num_shots}-shot on {member.name} "
+        f"classes {cfg.few_class_idx}, backbone {cfg.fs_backbone}" + (f" ({len(episodes)} done)" if episodes else ""))
+    for start in range(len(episodes), cfg.num_episodes, ctx.world_size):
+        e = start + ctx.rank
+        mine = torch.zeros(0, 3, dtype=torch.float64, device=ctx.device)
+        if e < cfg.num_episodes:
+            accuracy, slot = run_episode(e, sampler, member, backbone, cfg, ctx.device)
+            mine = torch.tensor([[e, accuracy, slot]], dtype=torch.float64, device=ctx.device)
+        for e_done, accuracy, slot in sorted(all_gather_rows(mine).tolist()):
+            entry = {"episode": int(e_done), "classes": sampler.episode(int(e_done)).classes, "accuracy": accuracy}
+            if slot >= 0:
+                entry["slot"] = int(slot)
+            episodes.append(entry)
+            log(f"episode {int(e_done) + 1}/{cfg.num_episodes}: accuracy {accuracy:.2f}"
+                + (f" (LoRA slot {int(slot)})" if slot >= 0 else ""))
+        record = _results(cfg, member, episodes)
+        if is_main_process():
+            atomic_write_json(record, path)
+    summary = record["summary"]
+    interval = "-" if summary["ci95"] is None else f"{summary['ci95']:.2f}"
+    log(f"few-shot {cfg.num_ways}-way {cfg.num_shots}-shot on {member.name} ({cfg.fs_backbone}): mean accuracy "
+        f"{summary['mean_acc']:.2f} +- {interval} (95% interval over {summary['episodes']} episodes) | results in "
+        f"{path}")
+    return record
+
+
+def _results(cfg: Namespace, member: Benchmark, episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"subcommand": cfg.subcommand, "dataset": member.name, "fs_backbone": cfg.fs_backbone,
+            "num_ways": cfg.num_ways, "num_shots": cfg.num_shots, "classes": cfg.few_class_idx,
+            "summary": metrics.episode_summary([e["accuracy"] for e in episodes]), "episodes": episodes,
+            "config": config_to_dict(cfg)}
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    import json
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({type(err).__name__}); delete it to start the episodes afresh") from err

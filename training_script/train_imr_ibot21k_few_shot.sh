@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Few-shot LoRA on ImageNet-R with the reference's train_imr_ibot21k_few_shot.sh settings (iBOT-21K ViT-B/16, seed 42):
+# upstream, 8 tasks over classes 0..159, 8 x 24, 50 epochs, lr 0.01, LoRA rank 8: the vanilla model (linear probe),
+# then the shared model (one LoRA); then 50 episodes of 5-way 5-shot on the held-out classes 160..164, 50 epochs per
+# episode's head, on the shared backbone. The reference ran its episodes on one GPU; here they are shared out among
+# the NPROC processes with the same results. The iBOT weights go in checkpoints/ (see checkpoints/README.md).
+#   NPROC=8 DATA_PATH=./datasets SEEDS=42 bash training_script/train_imr_ibot21k_few_shot.sh [main.py flags...]
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+NPROC=${NPROC:-8}
+SEEDS=${SEEDS:-42}
+DATA_PATH=${DATA_PATH:-./datasets}
+PORT=${MASTER_PORT:-29501}
+MODEL=vit_base_patch16_224_21k_ibot
+for seed in $SEEDS; do
+  out="./output/imr_ibot21k_few_shot_seed${seed}"
+  common=(imr_few_shot_lora --model "$MODEL" --batch-size 24 --data-path "$DATA_PATH" --seed "$seed"
+          --epochs 50 --lr 0.01 --lora_rank 8 --output_dir "$out"
+          --vanilla_model_output_dir "./output/imr_ibot21k_vanilla_model_seed${seed}"
+          --shared_model_output_dir "./output/imr_ibot21k_shared_model_seed${seed}")
+  for part in --train_vanilla --train_shared; do
+    torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" "$part" "$@"
+  done
+  torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" --train_few_shot \
+    --fs_backbone shared --num_fs_epochs 50 --num_shots 5 --num_episodes 50 "$@"
+done
