@@ -103,7 +103,8 @@ class SharedLoRA(ContinualMethod):
         num_datasets = len(cfg.datasets)
         self.lora = build_lora_pool(self.backbone, num_datasets, cfg)
         self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
-        self.register_buffer("task_dataset", torch.tensor(scenario.task_datasets), persistent=False)
+        task_datasets = scenario.task_datasets or [0] * scenario.num_tasks  # none given: one dataset
+        self.register_buffer("task_dataset", torch.tensor(task_datasets), persistent=False)
         class_to_dataset = self.task_dataset[scenario.class_to_task]
         self.register_buffer("class_to_dataset", class_to_dataset, persistent=False)
         # the vanilla run's head after the current task: the dataset predictor (not saved here: it is that run's)

@@ -47,3 +47,10 @@ def test_prompt_methods_count_the_query_pass_and_the_prompted_pass(tmp_path):
     # L2P selects its prompts by key matching in training too: the query pass, then the prompted pass
     row = _run(tmp_path, "digits_l2p")
     assert row["train_vit_passes_per_image"] == row["eval_vit_passes_per_image"] == 2
+
+
+def test_few_shot_shared_model_is_one_lora_pass_per_image(tmp_path):
+    # the shared upstream model of a single dataset: slot 0 for every image, no vanilla pass at test time
+    row = _run(tmp_path, "digits_few_shot_lora")
+    assert row["train_images_per_second"] > 0
+    assert row["train_vit_passes_per_image"] == row["eval_vit_passes_per_image"] == 1
