@@ -106,6 +106,10 @@ def run(cfg: Namespace, ctx: DistContext) -> int:
         for part, switch in (("vanilla", cfg.train_vanilla), ("shared", cfg.train_shared)):
             if switch:
                 _run_upstream(part, upstream_config(cfg, part), scenario, ctx)
+                if cfg.stop_after_task is not None and cfg.stop_after_task < scenario.num_tasks:
+                    log(f"stopped the {part} run after task {cfg.stop_after_task} as asked; the parts after it "
+                        f"need it whole: continue with --resume")  # `--resume` skips the finished runs' tasks
+                    return 0
     if cfg.train_few_shot:
         run_episodes(cfg, members[cfg.few_shot_dataset_idx], scenario, ctx)
     return 0

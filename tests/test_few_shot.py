@@ -183,6 +183,20 @@ def test_shared_model_trains_under_ddp_counting_each_test_image_once(tmp_path):
     assert not (single / "vanilla_model").exists()  # one dataset: nothing to pick a slot for
 
 
+def test_stop_after_task_stops_the_flow_and_resume_finishes_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    flags = ["digits_few_shot_lora", "--output_dir", str(out), "--epochs", "1", "--num_episodes", "2",
+             "--num_fs_epochs", "2"]
+    assert run_main(*flags, "--stop_after_task", "2") == 0
+    assert "continue with --resume" in capsys.readouterr().out
+    assert read_json(out / "vanilla_model" / "results.json")["completed_tasks"] == 2
+    assert not (out / "shared_model").exists() and not (out / RESULTS).exists()
+    assert run_main(*flags, "--resume") == 0
+    assert read_json(out / "vanilla_model" / "results.json")["completed_tasks"] == 3
+    assert read_json(out / "shared_model" / "results.json")["completed_tasks"] == 3
+    assert len(read_json(out / RESULTS)["episodes"]) == 2
+
+
 def _fake_imr(root):
     counts = {f"n{i:08d}": 6 for i in range(7)}  # 7 classes: 4 continual (2 tasks), 3 held out
     return write_fake_imagenet_r(root, counts)
