@@ -321,14 +321,30 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                         f"delete it to retrain that task") from err
 
 
+def differing_settings(saved: dict[str, Any], cfg: Namespace, keys: Sequence[str]) -> str:
+    """'' when `saved` (a saved config) agrees with `cfg` on `keys`; else each difference, `key: saved there, cfg
+    here`."""
+    current = config_to_dict(cfg)
+    return ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here" for k in keys
+                     if saved.get(k) != current.get(k))
+
+
 def check_same_experiment(saved: dict[str, Any], cfg: Namespace, path: Path,
                           keys: Sequence[str] = EXPERIMENT_KEYS) -> None:
     """`saved` (a saved config) and `cfg` agree on `keys`, the settings that define what `path` holds."""
-    current = config_to_dict(cfg)
-    differing = [k for k in keys if saved.get(k) != current.get(k)]
+    differing = differing_settings(saved, cfg, keys)
     if differing:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
-        raise UserError(f"{path} belongs to another experiment ({detail}); use its settings or a new --output_dir")
+        raise UserError(f"{path} belongs to another experiment ({differing}); use its settings or a new --output_dir")
+
+
+def restore_task(method: ContinualMethod, cfg: Namespace, t: int) -> dict[str, Any]:
+    """Load into `method` what it saved after task t in `cfg.output_dir`, once the checkpoint is shown to belong to
+    this experiment; returns the whole checkpoint."""
+    path = checkpoint_path(cfg.output_dir, t)
+    saved = load_checkpoint(path)
+    check_same_experiment(saved["config"], cfg, path)
+    method.load_checkpoint_state(saved["model"], str(path))
+    return saved
 
 
 def completed_tasks(output_dir: str | Path, num_tasks: int) -> int:
@@ -372,9 +388,7 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistCo
     start = completed_tasks(output_dir, scenario.num_tasks) if cfg.resume else 0
     if start:
         path = checkpoint_path(output_dir, start - 1)
-        saved = load_checkpoint(path)
-        check_same_experiment(saved["config"], cfg, path)
-        method.load_checkpoint_state(saved["model"], str(path))
+        saved = restore_task(method, cfg, start - 1)
         record.restore(saved["results"], start)
         log(f"resuming from {path}: tasks 1..{start} done")
         log(metrics.format_matrix(record.acc, start - 1))
@@ -419,11 +433,8 @@ def evaluate_checkpoints(method: ContinualMethod, scenario: Scenario, cfg: Names
     record = RunRecord(cfg, scenario, output_dir, filename="eval_results.json", tensorboard=False)
     method.set_phase(method.phases[-1])
     for t in range(scenario.num_tasks):
-        path = checkpoint_path(output_dir, t)
-        saved = load_checkpoint(path)
-        check_same_experiment(saved["config"], cfg, path)
-        method.load_checkpoint_state(saved["model"], str(path))
+        restore_task(method, cfg, t)
         method.load_task_context(t)
-        log(f"=== evaluating {path}")
+        log(f"=== evaluating {checkpoint_path(output_dir, t)}")
         record.add(t, evaluate(method, scenario, t, cfg, ctx), {})
     return record.as_dict()

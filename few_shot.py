@@ -17,9 +17,10 @@ and `--resume` continues it.
 """
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -94,13 +95,16 @@ def run(cfg: Namespace, ctx: DistContext) -> int:
     check_plan(cfg, scenario)
     barrier()  # every rank has checked the folders before rank 0 writes into them
 
-    members = [load_benchmark(name, cfg.data_path, cfg.input_size) for name in cfg.datasets]
-    for member, continual, few in zip(members, cfg.continual_classes_per_dataset, cfg.few_shot_classes_per_dataset):
-        check_class_split(member, continual, few)
+    # the upstream runs read every dataset, the episodes only theirs
+    used = range(len(cfg.datasets)) if cfg.train_vanilla or cfg.train_shared else [cfg.few_shot_dataset_idx]
+    members: dict[int, Benchmark] = {}
+    for i in used:
+        members[i] = load_benchmark(cfg.datasets[i], cfg.data_path, cfg.input_size)
+        check_class_split(members[i], cfg.continual_classes_per_dataset[i], cfg.few_shot_classes_per_dataset[i])
     log(f"{cfg.subcommand}: upstream {scenario.num_tasks} tasks over {scenario.num_classes} continual classes of "
         f"{cfg.dataset}; vanilla {cfg.train_vanilla}, shared {cfg.train_shared}, few-shot {cfg.train_few_shot}")
     if cfg.train_vanilla or cfg.train_shared:
-        scenario.benchmark = upstream_benchmark(members, cfg.continual_classes_per_dataset)
+        scenario.benchmark = upstream_benchmark(list(members.values()), cfg.continual_classes_per_dataset)
         scenario.loader = LoaderSettings(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                          pin_memory=cfg.pin_mem and ctx.device.type == "cuda", seed=cfg.seed)
         for part, switch in (("vanilla", cfg.train_vanilla), ("shared", cfg.train_shared)):
@@ -142,10 +146,7 @@ class EpisodeBackbone:
             shared_cfg = upstream_config(cfg, "shared")
             self.shared = SharedLoRA(shared_cfg, scenario).to(device)
             last = scenario.num_tasks - 1
-            path = engine.checkpoint_path(shared_cfg.output_dir, last)
-            saved = engine.load_checkpoint(path)
-            engine.check_same_experiment(saved["config"], shared_cfg, path)
-            self.shared.load_checkpoint_state(saved["model"], str(path))
+            engine.restore_task(self.shared, shared_cfg, last)
             if cfg.fs_backbone == "vanilla+shared":
                 self.shared.load_task_context(last)  # the vanilla head over every continual class votes
             self.shared.eval()
@@ -164,16 +165,15 @@ class EpisodeBackbone:
             return forward_lora(self.backbone, images, self.shared.lora, slot).float()
 
     @torch.no_grad()
-    def slot_for(self, member: Benchmark, support: np.ndarray) -> int | None:
+    def slot_for(self, support: SupportImages) -> int | None:
         """None (no LoRA), the few-shot dataset's slot, or the vanilla run's majority vote over the support images
         (seen without augmentation; a tie goes to the lower slot, as in the reference)."""
         if self.shared is None:
             return None
         if self.cfg.fs_backbone == "shared":
             return self.cfg.few_shot_dataset_idx
-        images = torch.stack([member.train_eval[int(i)][0] for i in support]).to(self.device)
         with maybe_autocast(self.device, self.cfg.amp):
-            votes = self.shared.predict_dataset(images)
+            votes = self.shared.predict_dataset(support.plain().to(self.device))
         return int(torch.bincount(votes).argmax())
 
     def test_features(self, test: Any, indices: np.ndarray, slot: int | None) -> torch.Tensor:
@@ -190,15 +190,26 @@ class EpisodeBackbone:
 
 
 class SupportImages:
-    """An episode's support images, decoded once and augmented afresh at every epoch (the reference re-read them)."""
+    """An episode's support images, decoded once: augmented afresh at every epoch (the reference re-read them from
+    disk), and under the test transform for the slot vote. `train_eval` holds the same items as `train`
+    (`Benchmark`), so one decoded copy serves both."""
 
-    def __init__(self, dataset: Any, indices: np.ndarray):
-        if isinstance(dataset, TransformedDataset):
-            raw = [dataset.load(int(i)) for i in indices]
-            transform = dataset.transform or (lambda sample: sample)
-            self.draw: Callable[[], torch.Tensor] = lambda: torch.stack([transform(x) for x in raw])
-        else:
-            self.draw = lambda: torch.stack([dataset[int(i)][0] for i in indices])
+    def __init__(self, member: Benchmark, indices: np.ndarray):
+        self.member, self.indices = member, [int(i) for i in indices]
+        decoded = isinstance(member.train, TransformedDataset) and isinstance(member.train_eval, TransformedDataset)
+        self.raw = [member.train.load(i) for i in self.indices] if decoded else None
+
+    def _draw(self, dataset: Any) -> torch.Tensor:
+        if self.raw is None:
+            return torch.stack([dataset[i][0] for i in self.indices])
+        transform = dataset.transform or (lambda sample: sample)
+        return torch.stack([transform(x) for x in self.raw])
+
+    def augmented(self) -> torch.Tensor:
+        return self._draw(self.member.train)
+
+    def plain(self) -> torch.Tensor:
+        return self._draw(self.member.train_eval)
 
 
 def run_episode(e: int, sampler: EpisodeSampler, member: Benchmark, backbone: EpisodeBackbone, cfg: Namespace,
@@ -210,12 +221,12 @@ def run_episode(e: int, sampler: EpisodeSampler, member: Benchmark, backbone: Ep
     targets = torch.searchsorted(positions, labels)  # class k of the head = the k-th smallest label
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed * 100_003 + e)
-        slot = backbone.slot_for(member, episode.support)
+        support = SupportImages(member, episode.support)
+        slot = backbone.slot_for(support)
         head = nn.Linear(backbone.backbone.num_features, cfg.num_ways).to(device)
         optimizer = torch.optim.Adam(head.parameters(), lr=cfg.fs_lr)
-        support = SupportImages(member.train, episode.support)
         for _ in range(cfg.num_fs_epochs):
-            features = backbone.features(support.draw().to(device, non_blocking=True), slot)
+            features = backbone.features(support.augmented().to(device, non_blocking=True), slot)
             loss = F.cross_entropy(head(features), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -271,7 +282,6 @@ def _results(cfg: Namespace, member: Benchmark, episodes: list[dict[str, Any]]) 
 
 
 def _read_results(path: Path) -> dict[str, Any]:
-    import json
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:

@@ -6,9 +6,10 @@
 Every flag other than --steps, --warmup, --precisions and --json is a main.py flag, resolved with the subcommand's
 presets. Training is one optimizer step (autocast forward, backward, gradient clipping as in engine.py, step);
 evaluation is `method.predict` under no_grad, uncached (the first evaluation of a run; later ones reuse frozen
-features). Methods with several phases per task (HiDe-Prompt: stage 1 `tii`, stage 2 `wtp`) get rows per phase. Data loading is excluded: the same random batch is reused. Each row
-is batch / median step time over --steps timed steps, after --warmup untimed ones. `--pretrained` defaults to
-False here (the weights make no difference to speed and need the network), unless it is given explicitly.
+features). Methods with several phases per task (HiDe-Prompt: stage 1 `tii`, stage 2 `wtp`) get rows per phase.
+Data loading is excluded: the same random batch is reused. Each row is batch / median step time over --steps timed
+steps, after --warmup untimed ones. `--pretrained` defaults to False here (the weights make no difference to
+speed and need the network), unless it is given explicitly.
 CPU numbers are only meaningful on an otherwise idle machine: another busy process slows the OpenMP threads many
 times over, so the header shows the 1-minute load average.
 """

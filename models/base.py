@@ -49,7 +49,7 @@ def read_run_checkpoint(directory: str, t: int, cfg: Namespace, kind: str, is_ki
                         same_keys: Sequence[str], hint: str) -> dict[str, torch.Tensor]:
     """The model state saved after task t by the run in `directory`, once its config shows it is `kind` (`hint` says
     how to make one) and agrees with `cfg` on `same_keys`."""
-    from engine import checkpoint_path, load_checkpoint  # noqa: PLC0415
+    from engine import checkpoint_path, differing_settings, load_checkpoint  # noqa: PLC0415
 
     path = checkpoint_path(directory, t)
     saved = load_checkpoint(path)
@@ -57,11 +57,9 @@ def read_run_checkpoint(directory: str, t: int, cfg: Namespace, kind: str, is_ki
     if not is_kind(theirs):
         raise UserError(f"{path} is not {kind} (method {theirs.get('method')!r}, stage {theirs.get('stage')!r}); "
                         f"{hint}")
-    mine = vars(cfg)
-    differing = [k for k in same_keys if theirs.get(k) != mine.get(k)]
+    differing = differing_settings(theirs, cfg, same_keys)
     if differing:
-        detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differing)
-        raise UserError(f"{path} was trained with other settings ({detail}); use that run's settings")
+        raise UserError(f"{path} was trained with other settings ({differing}); use that run's settings")
     return saved["model"]
 
 

@@ -12,19 +12,18 @@ from argparse import Namespace
 
 import torch
 
+from config import FEW_SHOT_FLAGS
 from datasets.scenario import Scenario
 from utils import UserError
 
 from .base import (ContinualMethod, check_run_complete, classifier_head, load_prefixed, masked_cross_entropy,
                    read_run_checkpoint)
+from .hidelora import LORA_READS_FLAGS
 from .lora import build_lora_pool, check_lora_flags, forward_lora
 from .vit import create_backbone, freeze
 
-FEW_SHOT_READS_FLAGS = frozenset({"lora_rank", "lora_depth", "lora_init", "datasets", "continual_classes_per_dataset",
-                                  "few_shot_classes_per_dataset", "tasks_per_dataset", "train_vanilla", "train_shared",
-                                  "train_few_shot", "vanilla_model_output_dir", "shared_model_output_dir", "num_shots",
-                                  "num_ways", "num_episodes", "num_queries", "num_fs_epochs", "fs_lr", "fs_backbone",
-                                  "few_shot_dataset_idx", "few_class_idx"})
+# the shared model reads the LoRA flags but --lora_type (its pool is always one slot per dataset)
+FEW_SHOT_READS_FLAGS = frozenset(FEW_SHOT_FLAGS) | (LORA_READS_FLAGS - {"lora_type"})
 # the vanilla run the shared run reads must agree with it on these
 UPSTREAM_KEYS = ("datasets", "continual_classes_per_dataset", "tasks_per_dataset", "backbone",
                  "pretrained_checkpoint", "class_order", "input_size", "pretrained")
@@ -113,13 +112,9 @@ class SharedLoRA(ContinualMethod):
         self.vanilla_task: int | None = None
         self.task = 0
 
-    @property
-    def reads_vanilla_run(self) -> bool:
-        return self.dataset_head is not None
-
     def check_vanilla_run(self) -> None:
-        """Before anything trains: the vanilla run it reads is complete (few_shot.py calls it)."""
-        if self.reads_vanilla_run:
+        """Before anything trains: the vanilla run it reads, if any, is complete (few_shot.py calls it)."""
+        if self.dataset_head is not None:
             check_run_complete(self.cfg.vanilla_model_output_dir, len(self.task_dataset), "--vanilla_model_output_dir",
                                VANILLA_HINT)
             self.load_task_context(0)
