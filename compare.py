@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from config.resolved import flat_settings
+
 
 def load_row(output_dir: str) -> list[str]:
     path = Path(output_dir) / "results.json"
@@ -24,8 +26,8 @@ def load_row(output_dir: str) -> list[str]:
         return "-" if value is None else f"{value:.2f}"
 
     name = results["subcommand"]
-    stage = results["config"].get("stage", "auto")
-    if stage != "auto":  # HiDe's stage-1 and stage-2 runs share a subcommand
+    stage = flat_settings(results["config"]).get("stage", "auto")
+    if stage not in (None, "auto"):  # HiDe's stage-1 and stage-2 runs share a subcommand
         name += f" ({stage})"
     return [name, f"{results['completed_tasks']}/{results['num_tasks']}", fmt("avg_acc"),
             fmt("avg_incremental_acc"), fmt("forgetting"), fmt("forgetting_standard"), fmt("bwt"),

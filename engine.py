@@ -6,12 +6,10 @@ task, then log and checkpoint.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,67 +18,52 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 import metrics
-from config import EXPERIMENT_KEYS, config_to_dict
+from config.resolved import Config, config_to_dict
 from datasets.scenario import Scenario
 from models.base import ContinualMethod
-from utils import (DistContext, UserError, all_reduce_sum, atomic_torch_save, atomic_write_json, is_main_process,
-                   log, maybe_autocast, seed_everything)
-
-
-def checkpoint_path(output_dir: str | Path, task: int) -> Path:
-    """The reference's path, so stage-2 style reuse of a run's per-task files keeps working (task is 0-based)."""
-    return Path(output_dir) / "checkpoint" / f"task{task + 1}_checkpoint.pth"
-
-
-def check_output_dir(cfg: Namespace, num_tasks: int, flag: str = "--output_dir") -> None:
-    """Refuse, before anything is written, to overwrite a run, to write where we cannot, or to evaluate nothing
-    (`flag` names the option that chose `cfg.output_dir`)."""
-    out = Path(cfg.output_dir)
-    if cfg.eval:
-        missing = [str(checkpoint_path(out, t)) for t in range(num_tasks) if not checkpoint_path(out, t).is_file()]
-        if missing:
-            raise UserError(f"--eval needs the checkpoint of every task, but {len(missing)} are missing "
-                            f"(first: {missing[0]}); point {flag} at a finished run")
-        return
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag} {out} is a file; choose a folder")
-    if out.is_dir() and any(out.iterdir()) and not cfg.resume:
-        raise UserError(f"{flag} {out} is not empty; pass --resume to continue the run in it, "
-                        f"or choose another {flag}")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {out} is not writable ({existing} does not allow it); choose another folder")
+from run_files import check_same_experiment, checkpoint_path, completed_tasks, load_checkpoint
+from utils import (
+    DistContext,
+    UserError,
+    all_reduce_sum,
+    atomic_torch_save,
+    atomic_write_json,
+    is_main_process,
+    log,
+    maybe_autocast,
+    seed_everything,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Optimisation
 # ----------------------------------------------------------------------------------------------------------------
-def create_optimizer(param_groups: list[dict], cfg: Namespace) -> torch.optim.Optimizer:
-    kwargs: dict[str, Any] = dict(opt=cfg.opt, lr=cfg.effective_lr, weight_decay=cfg.weight_decay,
-                                  momentum=cfg.momentum)
-    if "adam" in cfg.opt.lower() or "lamb" in cfg.opt.lower():
-        kwargs.update(eps=cfg.opt_eps, betas=tuple(cfg.opt_betas))
+def create_optimizer(param_groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
+    optim = cfg.optim
+    kwargs: dict[str, Any] = dict(opt=optim.opt, lr=cfg.context.effective_lr, weight_decay=optim.weight_decay,
+                                  momentum=optim.momentum)
+    if "adam" in optim.opt.lower() or "lamb" in optim.opt.lower():
+        kwargs.update(eps=optim.opt_eps, betas=tuple(optim.opt_betas))
     try:
         return create_optimizer_v2(param_groups, **kwargs)
     except (ValueError, AssertionError) as err:
-        raise UserError(f"--opt {cfg.opt}: {err}") from err
+        raise UserError(f"--opt {optim.opt}: {err}") from err
 
 
-def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Namespace):
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
     """None for `constant` (the reference's default). The scheduler is stepped after each epoch with that epoch's
     index, as in the reference (the LR of epoch e+1 is the schedule's value at e)."""
-    if cfg.sched == "constant":
+    o = cfg.optim
+    if o.sched == "constant":
         return None
     try:
         scheduler, _ = create_scheduler_v2(
-            optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
-            decay_rate=cfg.decay_rate, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs,
-            cooldown_epochs=cfg.cooldown_epochs, patience_epochs=cfg.patience_epochs, noise=cfg.lr_noise,
-            noise_pct=cfg.lr_noise_pct, noise_std=cfg.lr_noise_std, noise_seed=cfg.seed)
+            optimizer, sched=o.sched, num_epochs=o.epochs, decay_epochs=o.decay_epochs, decay_rate=o.decay_rate,
+            min_lr=o.min_lr, warmup_lr=o.warmup_lr, warmup_epochs=o.warmup_epochs, cooldown_epochs=o.cooldown_epochs,
+            patience_epochs=o.patience_epochs, noise=list(o.lr_noise) if o.lr_noise else None,
+            noise_pct=o.lr_noise_pct, noise_std=o.lr_noise_std, noise_seed=cfg.run.seed)
     except (ValueError, AssertionError) as err:
-        raise UserError(f"--sched {cfg.sched}: {err}") from err
+        raise UserError(f"--sched {o.sched}: {err}") from err
     return scheduler
 
 
@@ -124,20 +107,20 @@ def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, optimizer, scaler, t: int,
-                    epoch: int, cfg: Namespace, ctx: DistContext) -> dict[str, float]:
+                    epoch: int, cfg: Config, ctx: DistContext) -> dict[str, float]:
     method.train()
     params = [p for p in method.parameters() if p.requires_grad]
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, correct (no per-step host sync)
     seen = 0
     mask = method.train_mask(t)
-    progress = Progress(len(loader), f"task {t + 1} epoch {epoch + 1}/{cfg.epochs}", cfg.print_freq)
+    progress = Progress(len(loader), f"task {t + 1} epoch {epoch + 1}/{cfg.optim.epochs}", cfg.run.print_freq)
     start = time.perf_counter()
     for step, (images, targets) in enumerate(loader, 1):
         images = images.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
-        with maybe_autocast(ctx.device, cfg.amp):
+        with maybe_autocast(ctx.device, cfg.run.amp):
             loss, logits = model(images, targets, t)
-        optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad)
+        optimizer_step(loss, optimizer, scaler, params, cfg.optim.clip_grad)
         seen += len(targets)
         totals += torch.stack([loss.detach().double() * len(targets),
                                (_masked(logits, mask).argmax(1) == targets).sum().double()])
@@ -159,27 +142,27 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
             "images": seen, "seconds": seconds, "images_per_second": seen / seconds}
 
 
-def train_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespace, ctx: DistContext,
+def train_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, ctx: DistContext,
                optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer | None, dict[str, float]]:
     param_groups = [g for g in method.begin_task(t) if g["params"]]
-    if not method.trains or cfg.epochs == 0 or not param_groups:
+    if not method.trains or cfg.optim.epochs == 0 or not param_groups:
         return optimizer, {}
-    if optimizer is None or cfg.reinit_optimizer:
+    if optimizer is None or cfg.optim.reinit_optimizer:
         optimizer = create_optimizer(param_groups, cfg)
     scheduler = create_scheduler(optimizer, cfg)
     model: torch.nn.Module = method
     if ctx.distributed:  # re-wrapped per task: the trainable set may change between tasks (e.g. fix)
         model = DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
                                         find_unused_parameters=method.find_unused_parameters)
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.amp == "fp16")
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.run.amp == "fp16")
     loader = scenario.train_loader(t)
     stats: dict[str, float] = {}
     images = seconds = 0.0
-    for epoch in range(cfg.epochs):
+    for epoch in range(cfg.optim.epochs):
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(model, method, loader, optimizer, scaler, t, epoch, cfg, ctx)
         images, seconds = images + stats["images"], seconds + stats["seconds"]
-        log(f"task {t + 1} epoch {epoch + 1}/{cfg.epochs}: loss {stats['loss']:.4f} acc {stats['acc']:.2f} "
+        log(f"task {t + 1} epoch {epoch + 1}/{cfg.optim.epochs}: loss {stats['loss']:.4f} acc {stats['acc']:.2f} "
             f"lr {stats['lr']:.3g} ({stats['images_per_second']:.1f} img/s)")
         if scheduler is not None:
             scheduler.step(epoch)
@@ -191,7 +174,7 @@ def train_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespa
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespace, ctx: DistContext) -> dict:
+def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, ctx: DistContext) -> dict:
     """Accuracy on the test set of every task 0..t, and task-identity accuracy (the share of each task's images whose
     inferred task is right: the method's own inference, or the task of the predicted class). Each rank takes a
     disjoint shard and per-class counts are summed over ranks, so every test image is counted exactly once whatever
@@ -202,11 +185,11 @@ def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Namespace
     class_to_task = scenario.class_to_task.to(ctx.device)
     start = time.perf_counter()
     for i in range(t + 1):
-        allowed = scenario.class_mask(i).to(ctx.device) if cfg.task_inc else seen
+        allowed = scenario.class_mask(i).to(ctx.device) if cfg.data.task_inc else seen
         for batch, (images, targets) in enumerate(scenario.test_loader(i)):
             images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
             key = ("test", i, batch)
-            with maybe_autocast(ctx.device, cfg.amp):
+            with maybe_autocast(ctx.device, cfg.run.amp):
                 logits = method.predict(images, batch_key=key)
                 inferred_task = method.predict_task(images, batch_key=key)
             predicted = _masked(logits, allowed).argmax(1)
@@ -244,7 +227,7 @@ def _matrix_image(acc: np.ndarray, t: int, cell: int = 24) -> torch.Tensor:
 class RunRecord:
     """The accuracy matrix and per-task metrics of one run, written atomically to a JSON file after each task."""
 
-    def __init__(self, cfg: Namespace, scenario: Scenario, output_dir: Path, filename: str = "results.json",
+    def __init__(self, cfg: Config, scenario: Scenario, output_dir: Path, filename: str = "results.json",
                  tensorboard: bool = True):
         self.cfg, self.scenario = cfg, scenario
         self.path = output_dir / filename
@@ -288,8 +271,8 @@ class RunRecord:
         done = len(self.tasks)
         matrix = [[float(self.acc[i, c]) if i <= c < done else None for c in range(self.scenario.num_tasks)]
                   for i in range(self.scenario.num_tasks)]
-        return {"subcommand": self.cfg.subcommand, "method": self.cfg.method, "dataset": self.cfg.dataset,
-                "model": self.cfg.model, "num_tasks": self.scenario.num_tasks, "completed_tasks": done,
+        return {"subcommand": self.cfg.subcommand, "method": self.cfg.method, "dataset": self.cfg.data.dataset,
+                "model": self.cfg.backbone.model, "num_tasks": self.scenario.num_tasks, "completed_tasks": done,
                 "class_order": self.scenario.class_order, "task_classes": self.scenario.task_classes,
                 "acc_matrix": matrix, "tasks": self.tasks, "final": self.tasks[-1] if self.tasks else None,
                 "config": config_to_dict(self.cfg)}
@@ -313,46 +296,14 @@ class RunRecord:
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, unpickling errors, permission problems
-        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:120]}); "
-                        f"delete it to retrain that task") from err
-
-
-def differing_settings(saved: dict[str, Any], cfg: Namespace, keys: Sequence[str]) -> str:
-    """'' when `saved` (a saved config) agrees with `cfg` on `keys`; else each difference, `key: saved there, cfg
-    here`."""
-    current = config_to_dict(cfg)
-    return ", ".join(f"{k}: {saved.get(k)!r} there, {current.get(k)!r} here" for k in keys
-                     if saved.get(k) != current.get(k))
-
-
-def check_same_experiment(saved: dict[str, Any], cfg: Namespace, path: Path,
-                          keys: Sequence[str] = EXPERIMENT_KEYS) -> None:
-    """`saved` (a saved config) and `cfg` agree on `keys`, the settings that define what `path` holds."""
-    differing = differing_settings(saved, cfg, keys)
-    if differing:
-        raise UserError(f"{path} belongs to another experiment ({differing}); use its settings or a new --output_dir")
-
-
-def restore_task(method: ContinualMethod, cfg: Namespace, t: int) -> dict[str, Any]:
-    """Load into `method` what it saved after task t in `cfg.output_dir`, once the checkpoint is shown to belong to
+def restore_task(method: ContinualMethod, cfg: Config, t: int) -> dict[str, Any]:
+    """Load into `method` what it saved after task t in `cfg.run.output_dir`, once the checkpoint is shown to belong to
     this experiment; returns the whole checkpoint."""
-    path = checkpoint_path(cfg.output_dir, t)
+    path = checkpoint_path(cfg.run.output_dir, t)
     saved = load_checkpoint(path)
     check_same_experiment(saved["config"], cfg, path)
     method.load_checkpoint_state(saved["model"], str(path))
     return saved
-
-
-def completed_tasks(output_dir: str | Path, num_tasks: int) -> int:
-    """Number of consecutive task checkpoints present from task 1 on."""
-    done = 0
-    while done < num_tasks and checkpoint_path(output_dir, done).is_file():
-        done += 1
-    return done
 
 
 def evaluation_summary(evaluation: dict, train_stats: dict[str, float] | None = None) -> dict[str, Any]:
@@ -362,11 +313,11 @@ def evaluation_summary(evaluation: dict, train_stats: dict[str, float] | None = 
             **(train_stats or {})}
 
 
-def run_phase(method: ContinualMethod, phase: str, scenario: Scenario, t: int, cfg: Namespace, ctx: DistContext,
+def run_phase(method: ContinualMethod, phase: str, scenario: Scenario, t: int, cfg: Config, ctx: DistContext,
               optimizer: torch.optim.Optimizer | None, phases: dict[str, Any]) -> tuple[Any, dict, dict]:
     """One phase of task t: train, finish (statistics), evaluate; with task-adaptive prediction, evaluate again
     (the first result goes to `phases` as `<phase>_pre_alignment`). Returns (optimizer, evaluation, train stats)."""
-    seed_everything(cfg.seed + t)  # each task (and phase) is reproducible on its own, so a resumed run matches
+    seed_everything(cfg.run.seed + t)  # each task (and phase) is reproducible on its own, so a resumed run matches
     phase_cfg = method.set_phase(phase)
     method.invalidate_state_cache()
     optimizer, train_stats = train_task(method, scenario, t, phase_cfg, ctx, optimizer)
@@ -381,39 +332,55 @@ def run_phase(method: ContinualMethod, phase: str, scenario: Scenario, t: int, c
     return optimizer, evaluation, train_stats
 
 
-def run(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistContext) -> dict[str, Any]:
-    output_dir = Path(cfg.output_dir)
-    record = RunRecord(cfg, scenario, output_dir, tensorboard=cfg.tensorboard)
+def _resume(method: ContinualMethod, cfg: Config, record: RunRecord, num_tasks: int) -> tuple[int, dict[str, Any]]:
+    """With --resume: the tasks already done (their last checkpoint loaded into `method` and `record`), and the
+    optimizers saved with it when they carry over between tasks."""
+    output_dir = Path(cfg.run.output_dir)
+    start = completed_tasks(output_dir, num_tasks) if cfg.run.resume else 0
     optimizers: dict[str, Any] = {}
-    start = completed_tasks(output_dir, scenario.num_tasks) if cfg.resume else 0
-    if start:
-        path = checkpoint_path(output_dir, start - 1)
-        saved = restore_task(method, cfg, start - 1)
-        record.restore(saved["results"], start)
-        log(f"resuming from {path}: tasks 1..{start} done")
-        log(metrics.format_matrix(record.acc, start - 1))
-        if not cfg.reinit_optimizer:
-            for phase, state in (saved.get("optimizers") or {}).items():
-                phase_cfg = method.set_phase(phase)
-                optimizers[phase] = create_optimizer([g for g in method.begin_task(start) if g["params"]], phase_cfg)
-                optimizers[phase].load_state_dict(state)
+    if not start:
+        return 0, optimizers
+    saved = restore_task(method, cfg, start - 1)
+    record.restore(saved["results"], start)
+    log(f"resuming from {checkpoint_path(output_dir, start - 1)}: tasks 1..{start} done")
+    log(metrics.format_matrix(record.acc, start - 1))
+    if not cfg.optim.reinit_optimizer:
+        for phase, state in (saved.get("optimizers") or {}).items():
+            phase_cfg = method.set_phase(phase)
+            optimizers[phase] = create_optimizer([g for g in method.begin_task(start) if g["params"]], phase_cfg)
+            optimizers[phase].load_state_dict(state)
+    return start, optimizers
+
+
+def _run_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, ctx: DistContext,
+              optimizers: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
+    """Every phase of task t; returns the last phase's evaluation and what results.json keeps of the task."""
+    phases: dict[str, Any] = {}
+    for phase in method.phases:
+        if len(method.phases) > 1:
+            log(f"--- task {t + 1} phase {phase}")
+        optimizers[phase], evaluation, train_stats = run_phase(method, phase, scenario, t, cfg, ctx,
+                                                               optimizers.get(phase), phases)
+        if phase != method.phases[-1]:
+            phases[phase] = evaluation_summary(evaluation, train_stats)
+            log(f"task {t + 1} {phase}: A_t {phases[phase]['avg_acc']:.2f} | task identity "
+                f"{phases[phase]['avg_tii_acc']:.2f}")
+    return evaluation, {**train_stats, **({"phases": phases} if phases else {})}
+
+
+def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext) -> dict[str, Any]:
+    output_dir = Path(cfg.run.output_dir)
+    record = RunRecord(cfg, scenario, output_dir, tensorboard=cfg.run.tensorboard)
+    start, optimizers = _resume(method, cfg, record, scenario.num_tasks)
     if is_main_process():  # after the resume check, so a refused resume leaves the old run untouched
         atomic_write_json(config_to_dict(cfg), output_dir / "config.json")
-    stop = scenario.num_tasks if cfg.stop_after_task is None else min(cfg.stop_after_task, scenario.num_tasks)
+    stop_after = cfg.run.stop_after_task
+    stop = scenario.num_tasks if stop_after is None else min(stop_after, scenario.num_tasks)
     try:
         for t in range(start, stop):
             log(f"=== task {t + 1}/{scenario.num_tasks}: classes {scenario.task_classes[t]}")
-            phases: dict[str, Any] = {}
-            for phase in method.phases:
-                if len(method.phases) > 1:
-                    log(f"--- task {t + 1} phase {phase}")
-                optimizers[phase], evaluation, train_stats = run_phase(method, phase, scenario, t, cfg, ctx,
-                                                                       optimizers.get(phase), phases)
-                if phase != method.phases[-1]:
-                    phases[phase] = evaluation_summary(evaluation, train_stats)
-                    log(f"task {t + 1} {phase}: A_t {phases[phase]['avg_acc']:.2f} | task identity "
-                        f"{phases[phase]['avg_tii_acc']:.2f}")
-            record.add(t, evaluation, {**train_stats, **({"phases": phases} if phases else {})})
+            evaluation, extra = _run_task(method, scenario, t, cfg, ctx, optimizers)
+            record.add(t, evaluation, extra)
             if is_main_process():
                 atomic_torch_save({"model": method.checkpoint_state(),
                                    "optimizers": {k: v.state_dict() for k, v in optimizers.items() if v is not None},
@@ -426,9 +393,9 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistCo
     return record.as_dict()
 
 
-def evaluate_checkpoints(method: ContinualMethod, scenario: Scenario, cfg: Namespace, ctx: DistContext) -> dict:
+def evaluate_checkpoints(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext) -> dict:
     """--eval: reload each task's checkpoint and evaluate the tasks seen by then; writes eval_results.json."""
-    output_dir = Path(cfg.output_dir)
+    output_dir = Path(cfg.run.output_dir)
     # re-evaluation must not add a second set of curves to the training run's TensorBoard events
     record = RunRecord(cfg, scenario, output_dir, filename="eval_results.json", tensorboard=False)
     method.set_phase(method.phases[-1])

@@ -1,4 +1,4 @@
-"""Few-shot LoRA (spec §13): `main.py <key>_few_shot_lora`, or the reference's `fsl.py <key>_few_shot_lora`.
+"""Few-shot LoRA: `main.py <key>_few_shot_lora`, or the reference's `fsl.py <key>_few_shot_lora`.
 
 Three parts, chosen by the reference's switches (with none of them, all three run in turn):
 - `--train_vanilla`: the linear probe (`models.linear`) learnt continually over the upstream tasks (the continual
@@ -18,7 +18,7 @@ and `--resume` continues it.
 from __future__ import annotations
 
 import json
-from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +30,29 @@ from torch.utils.data import DataLoader, Subset
 
 import engine
 import metrics
-from config import config_to_dict
+from config.resolved import Config, config_to_dict
+from config.settings import FewShotSettings
 from datasets import load_benchmark
 from datasets.base import Benchmark, TransformedDataset
 from datasets.few_shot import EpisodeSampler, build_upstream_scenario, check_class_split, upstream_benchmark
 from datasets.scenario import LoaderSettings, Scenario
 from models import METHODS
-from models.base import check_run_complete
+from models.base import create_backbone_from
 from models.few_shot_lora import VANILLA_HINT, SharedLoRA
 from models.lora import forward_lora
-from models.vit import create_backbone, freeze
-from utils import (DistContext, UserError, all_gather_rows, atomic_write_json, barrier, is_main_process, log,
-                   maybe_autocast, seed_everything)
+from models.vit import freeze
+from run_files import check_output_dir, check_run_complete, check_same_experiment
+from utils import (
+    DistContext,
+    UserError,
+    all_gather_rows,
+    atomic_write_json,
+    barrier,
+    is_main_process,
+    log,
+    maybe_autocast,
+    seed_everything,
+)
 
 # a results file continued with --resume must come from the same episodes (their number may grow)
 EPISODE_KEYS = ("datasets", "continual_classes_per_dataset", "few_shot_classes_per_dataset", "few_shot_dataset_idx",
@@ -50,82 +61,91 @@ EPISODE_KEYS = ("datasets", "continual_classes_per_dataset", "few_shot_classes_p
 SHARED_HINT = VANILLA_HINT.replace("--train_vanilla", "--train_shared")
 
 
-def upstream_config(cfg: Namespace, part: str) -> Namespace:
-    """The config of the `vanilla` or `shared` upstream run: its own folder, and `stage` telling the two apart."""
-    run_cfg = Namespace(**vars(cfg))
-    run_cfg.stage = part
-    run_cfg.output_dir = cfg.vanilla_model_output_dir if part == "vanilla" else cfg.shared_model_output_dir
-    return run_cfg
+def is_flow(cfg: Config) -> bool:
+    """The few-shot subcommands run a flow of runs, not one continual run."""
+    return cfg.has(FewShotSettings)
 
 
-def results_path(cfg: Namespace) -> Path:
-    dataset = cfg.datasets[cfg.few_shot_dataset_idx]
-    return Path(cfg.output_dir) / f"few_shot_{cfg.fs_backbone}_{dataset}_{cfg.num_ways}way_{cfg.num_shots}shot.json"
+def upstream_config(cfg: Config, part: str) -> Config:
+    """The config of the `vanilla` or `shared` upstream run: its own folder, and `part` telling the two apart."""
+    fs = cfg.group(FewShotSettings)
+    output_dir = fs.vanilla_model_output_dir if part == "vanilla" else fs.shared_model_output_dir
+    return replace(cfg.with_settings(output_dir=output_dir), part=part)
 
 
-def _needs_shared(cfg: Namespace) -> bool:
-    return cfg.fs_backbone != "vanilla"
+def results_path(cfg: Config) -> Path:
+    fs = cfg.group(FewShotSettings)
+    dataset = fs.datasets[fs.few_shot_dataset_idx]
+    return Path(cfg.run.output_dir) / f"few_shot_{fs.fs_backbone}_{dataset}_{fs.num_ways}way_{fs.num_shots}shot.json"
 
 
-def _needs_vanilla(cfg: Namespace) -> bool:
+def _needs_shared(cfg: Config) -> bool:
+    fs = cfg.group(FewShotSettings)
+    return fs.fs_backbone != "vanilla"
+
+
+def _needs_vanilla(cfg: Config) -> bool:
     """The vanilla run picks LoRA slots only when there are several datasets to pick from."""
-    return len(cfg.datasets) > 1 and (cfg.train_shared or (cfg.train_few_shot and cfg.fs_backbone == "vanilla+shared"))
+    fs = cfg.group(FewShotSettings)
+    return len(fs.datasets) > 1 and (fs.train_shared or (fs.train_few_shot and fs.fs_backbone == "vanilla+shared"))
 
 
-def check_plan(cfg: Namespace, scenario: Scenario) -> None:
+def check_plan(cfg: Config, scenario: Scenario) -> None:
     """Before anything is read or written: every folder written is free (or resumed), every run read is complete."""
+    fs = cfg.group(FewShotSettings)
     num_tasks = scenario.num_tasks
-    for part, switch in (("vanilla", cfg.train_vanilla), ("shared", cfg.train_shared)):
+    for part, switch in (("vanilla", fs.train_vanilla), ("shared", fs.train_shared)):
         if switch:
-            engine.check_output_dir(upstream_config(cfg, part), num_tasks, f"--{part}_model_output_dir")
-    if cfg.train_few_shot:
+            part_dir = upstream_config(cfg, part).run.output_dir
+            check_output_dir(part_dir, num_tasks, cfg.run.eval, cfg.run.resume, f"--{part}_model_output_dir")
+    if fs.train_few_shot:
         path = results_path(cfg)
-        if path.exists() and not cfg.resume:
+        if path.exists() and not cfg.run.resume:
             raise UserError(f"{path} exists; pass --resume to continue its episodes, or choose another --output_dir")
-        if _needs_shared(cfg) and not cfg.train_shared:
-            check_run_complete(cfg.shared_model_output_dir, num_tasks, "--shared_model_output_dir", SHARED_HINT)
-    if not cfg.train_vanilla and _needs_vanilla(cfg):
-        check_run_complete(cfg.vanilla_model_output_dir, num_tasks, "--vanilla_model_output_dir", VANILLA_HINT)
+        if _needs_shared(cfg) and not fs.train_shared:
+            check_run_complete(fs.shared_model_output_dir, num_tasks, "--shared_model_output_dir", SHARED_HINT)
+    if not fs.train_vanilla and _needs_vanilla(cfg):
+        check_run_complete(fs.vanilla_model_output_dir, num_tasks, "--vanilla_model_output_dir", VANILLA_HINT)
 
 
-def run(cfg: Namespace, ctx: DistContext) -> int:
-    scenario = build_upstream_scenario(cfg.continual_classes_per_dataset, cfg.tasks_per_dataset, cfg.shuffle,
-                                       cfg.seed, cfg.datasets)
-    cfg.class_order = scenario.class_order
+def run(cfg: Config, ctx: DistContext) -> int:
+    fs = cfg.group(FewShotSettings)
+    scenario = build_upstream_scenario(list(fs.continual_classes_per_dataset), list(fs.tasks_per_dataset),
+                                       cfg.data.shuffle, cfg.run.seed, list(fs.datasets))
     check_plan(cfg, scenario)
     barrier()  # every rank has checked the folders before rank 0 writes into them
 
     # the upstream runs read every dataset, the episodes only theirs
-    used = range(len(cfg.datasets)) if cfg.train_vanilla or cfg.train_shared else [cfg.few_shot_dataset_idx]
+    used = range(len(fs.datasets)) if fs.train_vanilla or fs.train_shared else [fs.few_shot_dataset_idx]
     members: dict[int, Benchmark] = {}
     for i in used:
-        members[i] = load_benchmark(cfg.datasets[i], cfg.data_path, cfg.input_size)
-        check_class_split(members[i], cfg.continual_classes_per_dataset[i], cfg.few_shot_classes_per_dataset[i])
+        members[i] = load_benchmark(fs.datasets[i], cfg.data.data_path, cfg.backbone.input_size)
+        check_class_split(members[i], fs.continual_classes_per_dataset[i], fs.few_shot_classes_per_dataset[i])
     log(f"{cfg.subcommand}: upstream {scenario.num_tasks} tasks over {scenario.num_classes} continual classes of "
-        f"{cfg.dataset}; vanilla {cfg.train_vanilla}, shared {cfg.train_shared}, few-shot {cfg.train_few_shot}")
-    if cfg.train_vanilla or cfg.train_shared:
-        scenario.benchmark = upstream_benchmark(list(members.values()), cfg.continual_classes_per_dataset)
-        scenario.loader = LoaderSettings(batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                         pin_memory=cfg.pin_mem and ctx.device.type == "cuda", seed=cfg.seed)
-        for part, switch in (("vanilla", cfg.train_vanilla), ("shared", cfg.train_shared)):
+        f"{cfg.data.dataset}; vanilla {fs.train_vanilla}, shared {fs.train_shared}, few-shot {fs.train_few_shot}")
+    if fs.train_vanilla or fs.train_shared:
+        scenario.benchmark = upstream_benchmark(list(members.values()), fs.continual_classes_per_dataset)
+        scenario.loader = LoaderSettings(batch_size=cfg.optim.batch_size, num_workers=cfg.data.num_workers,
+                                         pin_memory=cfg.data.pin_mem and ctx.device.type == "cuda", seed=cfg.run.seed)
+        for part, switch in (("vanilla", fs.train_vanilla), ("shared", fs.train_shared)):
             if switch:
                 _run_upstream(part, upstream_config(cfg, part), scenario, ctx)
-                if cfg.stop_after_task is not None and cfg.stop_after_task < scenario.num_tasks:
-                    log(f"stopped the {part} run after task {cfg.stop_after_task} as asked; the parts after it "
+                if cfg.run.stop_after_task is not None and cfg.run.stop_after_task < scenario.num_tasks:
+                    log(f"stopped the {part} run after task {cfg.run.stop_after_task} as asked; the parts after it "
                         f"need it whole: continue with --resume")  # `--resume` skips the finished runs' tasks
                     return 0
-    if cfg.train_few_shot:
-        run_episodes(cfg, members[cfg.few_shot_dataset_idx], scenario, ctx)
+    if fs.train_few_shot:
+        run_episodes(cfg, members[fs.few_shot_dataset_idx], scenario, ctx)
     return 0
 
 
-def _run_upstream(part: str, cfg: Namespace, scenario: Scenario, ctx: DistContext) -> None:
-    log(f"=== upstream {part} model -> {cfg.output_dir}")
-    seed_everything(cfg.seed)
+def _run_upstream(part: str, cfg: Config, scenario: Scenario, ctx: DistContext) -> None:
+    log(f"=== upstream {part} model -> {cfg.run.output_dir}")
+    seed_everything(cfg.run.seed)
     method = (METHODS["linear"] if part == "vanilla" else SharedLoRA)(cfg, scenario).to(ctx.device)
     if isinstance(method, SharedLoRA):
         method.check_vanilla_run()
-    results = (engine.evaluate_checkpoints if cfg.eval else engine.run)(method, scenario, cfg, ctx)
+    results = (engine.evaluate_checkpoints if cfg.run.eval else engine.run)(method, scenario, cfg, ctx)
     if results["final"] is not None and results["completed_tasks"] == scenario.num_tasks:
         log(f"upstream {part}: {metrics.format_summary(results['final'], scenario.num_tasks - 1, scenario.num_tasks)}")
 
@@ -138,28 +158,28 @@ class EpisodeBackbone:
     LoRA slot (`slot_for` picks it: the few-shot dataset's own, or the vanilla run's vote on the support images).
     Test-image features are kept per (slot, image): episodes drawing the same query images reuse them."""
 
-    def __init__(self, cfg: Namespace, scenario: Scenario, device: torch.device):
+    def __init__(self, cfg: Config, scenario: Scenario, device: torch.device):
         self.cfg, self.device = cfg, device
+        self.fs = fs = cfg.group(FewShotSettings)
         self.shared: SharedLoRA | None = None
-        seed_everything(cfg.seed)  # as before the upstream runs: an untrained (--pretrained False) ViT is theirs
+        seed_everything(cfg.run.seed)  # as before the upstream runs: an untrained (--pretrained False) ViT is theirs
         if _needs_shared(cfg):
             shared_cfg = upstream_config(cfg, "shared")
             self.shared = SharedLoRA(shared_cfg, scenario).to(device)
             last = scenario.num_tasks - 1
             engine.restore_task(self.shared, shared_cfg, last)
-            if cfg.fs_backbone == "vanilla+shared":
+            if fs.fs_backbone == "vanilla+shared":
                 self.shared.load_task_context(last)  # the vanilla head over every continual class votes
             self.shared.eval()
             self.backbone = self.shared.backbone
         else:
-            self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size,
-                                            checkpoint=cfg.pretrained_checkpoint).to(device).eval()
+            self.backbone = create_backbone_from(cfg, with_dropout=False).to(device).eval()
             freeze(self.backbone)
         self.query_features: dict[tuple[int | None, int], torch.Tensor] = {}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, slot: int | None) -> torch.Tensor:
-        with maybe_autocast(self.device, self.cfg.amp):
+        with maybe_autocast(self.device, self.cfg.run.amp):
             if slot is None:
                 return self.backbone(images).float()
             return forward_lora(self.backbone, images, self.shared.lora, slot).float()
@@ -170,17 +190,17 @@ class EpisodeBackbone:
         (seen without augmentation; a tie goes to the lower slot, as in the reference)."""
         if self.shared is None:
             return None
-        if self.cfg.fs_backbone == "shared":
-            return self.cfg.few_shot_dataset_idx
-        with maybe_autocast(self.device, self.cfg.amp):
+        if self.fs.fs_backbone == "shared":
+            return self.fs.few_shot_dataset_idx
+        with maybe_autocast(self.device, self.cfg.run.amp):
             votes = self.shared.predict_dataset(support.plain().to(self.device))
         return int(torch.bincount(votes).argmax())
 
     def test_features(self, test: Any, indices: np.ndarray, slot: int | None) -> torch.Tensor:
         missing = [int(i) for i in indices if (slot, int(i)) not in self.query_features]
         if missing:
-            loader = DataLoader(Subset(test, missing), batch_size=self.cfg.batch_size,
-                                num_workers=self.cfg.num_workers)
+            loader = DataLoader(Subset(test, missing), batch_size=self.cfg.optim.batch_size,
+                                num_workers=self.cfg.data.num_workers)
             done = 0
             for images, _ in loader:
                 for row in self.features(images.to(self.device, non_blocking=True), slot):
@@ -212,20 +232,21 @@ class SupportImages:
         return self._draw(self.member.train_eval)
 
 
-def run_episode(e: int, sampler: EpisodeSampler, member: Benchmark, backbone: EpisodeBackbone, cfg: Namespace,
+def run_episode(e: int, sampler: EpisodeSampler, member: Benchmark, backbone: EpisodeBackbone, cfg: Config,
                 device: torch.device) -> tuple[float, int]:
     """(accuracy in %, slot or -1) of episode e; its head, augmentations and draws depend on (seed, e) only."""
+    fs = cfg.group(FewShotSettings)
     episode = sampler.episode(e)
     labels = torch.as_tensor(member.train_targets[episode.support], device=device)
     positions = torch.as_tensor(episode.classes, device=device)
     targets = torch.searchsorted(positions, labels)  # class k of the head = the k-th smallest label
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(cfg.seed * 100_003 + e)
+        torch.manual_seed(cfg.run.seed * 100_003 + e)
         support = SupportImages(member, episode.support)
         slot = backbone.slot_for(support)
-        head = nn.Linear(backbone.backbone.num_features, cfg.num_ways).to(device)
-        optimizer = torch.optim.Adam(head.parameters(), lr=cfg.fs_lr)
-        for _ in range(cfg.num_fs_epochs):
+        head = nn.Linear(backbone.backbone.num_features, fs.num_ways).to(device)
+        optimizer = torch.optim.Adam(head.parameters(), lr=fs.fs_lr)
+        for _ in range(fs.num_fs_epochs):
             features = backbone.features(support.augmented().to(device, non_blocking=True), slot)
             loss = F.cross_entropy(head(features), targets)
             optimizer.zero_grad(set_to_none=True)
@@ -238,22 +259,23 @@ def run_episode(e: int, sampler: EpisodeSampler, member: Benchmark, backbone: Ep
     return accuracy, -1 if slot is None else slot
 
 
-def run_episodes(cfg: Namespace, member: Benchmark, scenario: Scenario, ctx: DistContext) -> dict[str, Any]:
+def run_episodes(cfg: Config, member: Benchmark, scenario: Scenario, ctx: DistContext) -> dict[str, Any]:
+    fs = cfg.group(FewShotSettings)
     path = results_path(cfg)
     episodes: list[dict[str, Any]] = []
-    if cfg.resume and path.is_file():
+    if cfg.run.resume and path.is_file():
         saved = _read_results(path)
-        engine.check_same_experiment(saved.get("config", {}), cfg, path, EPISODE_KEYS)
-        episodes = saved["episodes"][: cfg.num_episodes]
-    sampler = EpisodeSampler(member, cfg.few_class_idx, cfg.num_ways, cfg.num_shots, cfg.num_queries, cfg.seed)
+        check_same_experiment(saved.get("config", {}), cfg, path, EPISODE_KEYS)
+        episodes = saved["episodes"][: fs.num_episodes]
+    sampler = EpisodeSampler(member, fs.few_class_idx, fs.num_ways, fs.num_shots, fs.num_queries, cfg.run.seed)
     backbone = EpisodeBackbone(cfg, scenario, ctx.device)
     record = _results(cfg, member, episodes)
-    log(f"=== few-shot: {cfg.num_episodes} episodes, {cfg.num_ways}-way {cfg.num_shots}-shot on {member.name} "
-        f"classes {cfg.few_class_idx}, backbone {cfg.fs_backbone}" + (f" ({len(episodes)} done)" if episodes else ""))
-    for start in range(len(episodes), cfg.num_episodes, ctx.world_size):
+    log(f"=== few-shot: {fs.num_episodes} episodes, {fs.num_ways}-way {fs.num_shots}-shot on {member.name} "
+        f"classes {fs.few_class_idx}, backbone {fs.fs_backbone}" + (f" ({len(episodes)} done)" if episodes else ""))
+    for start in range(len(episodes), fs.num_episodes, ctx.world_size):
         e = start + ctx.rank
         mine = torch.zeros(0, 3, dtype=torch.float64, device=ctx.device)
-        if e < cfg.num_episodes:
+        if e < fs.num_episodes:
             accuracy, slot = run_episode(e, sampler, member, backbone, cfg, ctx.device)
             mine = torch.tensor([[e, accuracy, slot]], dtype=torch.float64, device=ctx.device)
         for e_done, accuracy, slot in sorted(all_gather_rows(mine).tolist()):
@@ -261,22 +283,23 @@ def run_episodes(cfg: Namespace, member: Benchmark, scenario: Scenario, ctx: Dis
             if slot >= 0:
                 entry["slot"] = int(slot)
             episodes.append(entry)
-            log(f"episode {int(e_done) + 1}/{cfg.num_episodes}: accuracy {accuracy:.2f}"
+            log(f"episode {int(e_done) + 1}/{fs.num_episodes}: accuracy {accuracy:.2f}"
                 + (f" (LoRA slot {int(slot)})" if slot >= 0 else ""))
         record = _results(cfg, member, episodes)
         if is_main_process():
             atomic_write_json(record, path)
     summary = record["summary"]
     interval = "-" if summary["ci95"] is None else f"{summary['ci95']:.2f}"
-    log(f"few-shot {cfg.num_ways}-way {cfg.num_shots}-shot on {member.name} ({cfg.fs_backbone}): mean accuracy "
+    log(f"few-shot {fs.num_ways}-way {fs.num_shots}-shot on {member.name} ({fs.fs_backbone}): mean accuracy "
         f"{summary['mean_acc']:.2f} +- {interval} (95% interval over {summary['episodes']} episodes) | results in "
         f"{path}")
     return record
 
 
-def _results(cfg: Namespace, member: Benchmark, episodes: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"subcommand": cfg.subcommand, "dataset": member.name, "fs_backbone": cfg.fs_backbone,
-            "num_ways": cfg.num_ways, "num_shots": cfg.num_shots, "classes": cfg.few_class_idx,
+def _results(cfg: Config, member: Benchmark, episodes: list[dict[str, Any]]) -> dict[str, Any]:
+    fs = cfg.group(FewShotSettings)
+    return {"subcommand": cfg.subcommand, "dataset": member.name, "fs_backbone": fs.fs_backbone,
+            "num_ways": fs.num_ways, "num_shots": fs.num_shots, "classes": fs.few_class_idx,
             "summary": metrics.episode_summary([e["accuracy"] for e in episodes]), "episodes": episodes,
             "config": config_to_dict(cfg)}
 

@@ -20,10 +20,10 @@ import os
 import statistics
 import sys
 import time
-from argparse import Namespace
-from pathlib import Path
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,7 +31,8 @@ import torch  # noqa: E402
 from timm.layers import PatchEmbed  # noqa: E402
 
 import engine  # noqa: E402
-from config import parse_args  # noqa: E402
+from config.cli import parse_args  # noqa: E402
+from config.resolved import Config  # noqa: E402
 from datasets import build_scenario  # noqa: E402
 from models import create_method  # noqa: E402
 from models.base import ContinualMethod  # noqa: E402
@@ -69,12 +70,13 @@ def _median_seconds(step: Callable[[], None], steps: int, warmup: int, device: t
     return statistics.median(times)
 
 
-def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device: torch.device, precision: str,
+def measure(method: ContinualMethod, classes: list[int], cfg: Config, device: torch.device, precision: str,
             steps: int, warmup: int) -> dict[str, Any]:
     """One table row: train and eval images/s (train None when the method takes no gradient step)."""
-    cfg.amp = precision  # what the method's own hooks (e.g. ncm's end_task) autocast to
-    images = torch.randn(cfg.batch_size, 3, cfg.input_size, cfg.input_size, device=device)
-    targets = torch.tensor(classes, device=device)[torch.randint(len(classes), (cfg.batch_size,), device=device)]
+    cfg = cfg.with_settings(amp=precision)
+    method.cfg = cfg  # what the method's own hooks (e.g. ncm's end_task) autocast to
+    images = torch.randn(cfg.optim.batch_size, 3, cfg.backbone.input_size, cfg.backbone.input_size, device=device)
+    targets = torch.tensor(classes, device=device)[torch.randint(len(classes), (cfg.optim.batch_size,), device=device)]
     row: dict[str, Any] = {"precision": precision, "train_images_per_second": None,
                            "train_vit_passes_per_image": None, "eval_images_per_second": None,
                            "eval_vit_passes_per_image": None}
@@ -88,13 +90,13 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device:
         def train_step() -> None:
             with maybe_autocast(device, precision):
                 loss, _ = method(images, targets, 0)
-            engine.optimizer_step(loss, optimizer, scaler, params, cfg.clip_grad)
+            engine.optimizer_step(loss, optimizer, scaler, params, cfg.optim.clip_grad)
 
         method.train()
         with count_vit_passes(method) as passes:
             seconds = _median_seconds(train_step, steps, warmup, device)
         row["train_vit_passes_per_image"] = passes[0] / (steps + warmup)
-        row["train_images_per_second"] = cfg.batch_size / seconds
+        row["train_images_per_second"] = cfg.optim.batch_size / seconds
         optimizer.zero_grad(set_to_none=True)
 
     method.eval()
@@ -104,7 +106,7 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Namespace, device:
             method.predict(images)
 
     with count_vit_passes(method) as passes:
-        row["eval_images_per_second"] = cfg.batch_size / _median_seconds(eval_step, steps, warmup, device)
+        row["eval_images_per_second"] = cfg.optim.batch_size / _median_seconds(eval_step, steps, warmup, device)
     row["eval_vit_passes_per_image"] = passes[0] / (steps + warmup)
     return row
 
@@ -118,26 +120,28 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                num(r["train_vit_passes_per_image"], "{:g}"), num(r["eval_vit_passes_per_image"], "{:g}")]
               for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def _run(args: Namespace, rest: list[str]) -> int:
+def _run(args: argparse.Namespace, rest: list[str]) -> int:
     """Build the method from the config alone (no data), measure every precision, print and save."""
     if args.steps < 1 or args.warmup < 0:
         raise UserError("--steps must be at least 1 and --warmup at least 0")
+    if not any(a.startswith(("--pretrained=", "--pretrained_checkpoint")) or a == "--pretrained" for a in rest):
+        rest = [*rest, "--pretrained", "False"]  # random weights unless asked: the speed is the same
     cfg = parse_args(rest)
-    if "pretrained" not in cfg.explicit_flags:
-        cfg.pretrained = False
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     if "fp16" in args.precisions and device.type != "cuda":
         raise UserError("--precisions fp16 needs CUDA; on CPU use none or bf16")
-    seed_everything(cfg.seed)
-    scenario = build_scenario(cfg.num_classes, cfg.num_tasks, False, cfg.seed, cfg.dataset)
+    seed_everything(cfg.run.seed)
+    scenario = build_scenario(cfg.data.num_classes, cfg.data.num_tasks, False, cfg.run.seed, cfg.data.dataset)
     method = create_method(cfg, scenario).to(device)
 
-    header = (f"{cfg.subcommand} | model {cfg.model} | input {cfg.input_size} | batch {cfg.batch_size} | "
+    header = (f"{cfg.subcommand} | model {cfg.backbone.model} | input {cfg.backbone.input_size} | batch "
+              f"{cfg.optim.batch_size} | "
               f"device {device} | threads {torch.get_num_threads()} | torch {torch.__version__} | "
               f"median of {args.steps} steps after {args.warmup} warm-up | load avg {os.getloadavg()[0]:.2f}")
     print(header, flush=True)
@@ -149,8 +153,9 @@ def _run(args: Namespace, rest: list[str]) -> int:
             rows.append({"phase": phase, **row})
     print(format_table(rows), flush=True)
     if args.json is not None:
-        atomic_write_json({"subcommand": cfg.subcommand, "model": cfg.model, "input_size": cfg.input_size,
-                           "batch_size": cfg.batch_size, "device": str(device), "threads": torch.get_num_threads(),
+        atomic_write_json({"subcommand": cfg.subcommand, "model": cfg.backbone.model,
+                           "input_size": cfg.backbone.input_size, "batch_size": cfg.optim.batch_size,
+                           "device": str(device), "threads": torch.get_num_threads(),
                            "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
                            "results": rows}, args.json)
     return 0

@@ -5,15 +5,17 @@ whatever the method trains.
 """
 from __future__ import annotations
 
-from argparse import Namespace
-from typing import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from datasets.scenario import Scenario
+from config.resolved import Config
+from config.settings import QueryModelSettings
+from datasets.scenario import Scenario, make_class_order
 from utils import UserError
 
 from .vit import create_backbone, freeze
@@ -34,33 +36,25 @@ def classifier_head(dim: int, num_classes: int) -> nn.Linear:
     return head
 
 
-def check_run_complete(directory: str, num_tasks: int, flag: str, hint: str) -> None:
-    """Every task checkpoint of the run in `directory` (which option `flag` points at) is there; `hint` says how to
-    make them."""
-    from engine import checkpoint_path  # noqa: PLC0415 (engine imports models)
-
-    missing = [t for t in range(num_tasks) if not checkpoint_path(directory, t).is_file()]
-    if missing:
-        raise UserError(f"{flag} {directory}: {checkpoint_path(directory, missing[0])} is missing ({len(missing)} of "
-                        f"{num_tasks} task checkpoints absent); {hint}")
+def create_backbone_from(cfg: Config, with_dropout: bool = True) -> nn.Module:
+    """The ViT of --model with its weights (--pretrained, --pretrained_checkpoint) at --input-size."""
+    settings = cfg.backbone
+    drop, drop_path = (settings.drop, settings.drop_path) if with_dropout else (0.0, 0.0)
+    return create_backbone(settings.model, settings.pretrained, settings.input_size, drop, drop_path,
+                           checkpoint=settings.pretrained_checkpoint)
 
 
-def read_run_checkpoint(directory: str, t: int, cfg: Namespace, kind: str, is_kind: Callable[[dict], bool],
-                        same_keys: Sequence[str], hint: str) -> dict[str, torch.Tensor]:
-    """The model state saved after task t by the run in `directory`, once its config shows it is `kind` (`hint` says
-    how to make one) and agrees with `cfg` on `same_keys`."""
-    from engine import checkpoint_path, differing_settings, load_checkpoint  # noqa: PLC0415
-
-    path = checkpoint_path(directory, t)
-    saved = load_checkpoint(path)
-    theirs = saved.get("config", {})
-    if not is_kind(theirs):
-        raise UserError(f"{path} is not {kind} (method {theirs.get('method')!r}, stage {theirs.get('stage')!r}); "
-                        f"{hint}")
-    differing = differing_settings(theirs, cfg, same_keys)
-    if differing:
-        raise UserError(f"{path} was trained with other settings ({differing}); use that run's settings")
-    return saved["model"]
+def create_query_model(cfg: Config, backbone: nn.Module) -> nn.Module:
+    """The frozen query / task-identity ViT of --original_model: `backbone` itself when the resolved names and
+    weight files agree (one copy in memory, identical weights), else its own."""
+    query = cfg.group(QueryModelSettings)
+    if (cfg.context.original_backbone, query.original_model_checkpoint) == (cfg.context.backbone,
+                                                                            cfg.backbone.pretrained_checkpoint):
+        return backbone
+    model = create_backbone(query.original_model, cfg.backbone.pretrained, cfg.backbone.input_size,
+                            checkpoint=query.original_model_checkpoint, flag="--original_model")
+    freeze(model)
+    return model
 
 
 def load_prefixed(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, source: str) -> None:
@@ -80,9 +74,10 @@ class ContinualMethod(nn.Module):
     find_unused_parameters: bool = False  # for DDP, when a step leaves some trainable parameters unused
     num_tasks_override: int | None = None
     checkpoint_prefixes: tuple[str, ...] = ()
-    reads_flags: frozenset[str] = frozenset()  # method-specific flags it uses; others of that kind warn
+    settings_groups: tuple[type, ...] = ()  # the settings dataclasses it reads beyond the common ones
+    own_datasets = False  # True: its subcommands are the dataset keys of its own preset rows only
 
-    def __init__(self, cfg: Namespace, scenario: Scenario):
+    def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__()
         self.cfg = cfg
         self.num_classes = scenario.num_classes
@@ -115,15 +110,27 @@ class ContinualMethod(nn.Module):
         test set's query features, used after every task)."""
         return self.cached(name, batch_key, lambda: model(images))
 
+    # --- parse time: the settings, before they are frozen ------------------------------------------------------
     @classmethod
-    def finalize_config(cls, cfg: Namespace) -> None:
-        """Method-specific checks and derived values, at parse time (before anything runs)."""
+    def resolve_settings(cls, draft: Any) -> None:
+        """Method-specific checks and derived values on the settings being resolved (`draft`: by flag name, as
+        attributes; `draft.given` holds the flags the command line set)."""
+
+    @classmethod
+    def preset_stage(cls, values: dict[str, Any]) -> str | None:
+        """The stage preset rows select on (HiDe: tii, wtp or both), from the values before the presets that
+        depend on it."""
+        return None
+
+    @classmethod
+    def class_order(cls, draft: Any) -> list[int]:
+        return make_class_order(draft.num_classes, draft.shuffle, draft.seed)
 
     def train_mask(self, t: int) -> torch.Tensor | None:
-        return self._task_masks[t] if self.cfg.train_mask else None
+        return self._task_masks[t] if self.cfg.optim.train_mask else None
 
     # --- hooks called by engine.py -----------------------------------------------------------------------------
-    def set_phase(self, phase: str) -> Namespace:
+    def set_phase(self, phase: str) -> Config:
         """Enter one of `phases`; returns the config that phase trains with (the run's, unless it differs)."""
         return self.cfg
 
@@ -182,10 +189,9 @@ class BackboneHeadMethod(ContinualMethod):
 
     checkpoint_prefixes = ("head.",)
 
-    def __init__(self, cfg: Namespace, scenario: Scenario):
+    def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__(cfg, scenario)
-        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
-                                        checkpoint=cfg.pretrained_checkpoint)
+        self.backbone = create_backbone_from(cfg)
         self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
 
     backbone_frozen_for_run = False  # True: its test features never change, so evaluation caches them

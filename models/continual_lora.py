@@ -1,33 +1,33 @@
-"""Continual LoRA (spec §2.4): one LoRA of the keys and values of blocks 0..--lora_depth-1, shared by every task and
+"""Continual LoRA: one LoRA of the keys and values of blocks 0..--lora_depth-1, shared by every task and
 trained on each in turn with the masked cross-entropy, and a linear head; no task inference, no statistics."""
 from __future__ import annotations
 
-from argparse import Namespace
+from typing import Any
 
 import torch
 
+from config.resolved import Config
+from config.settings import LoRASettings, LoRATypeSettings
 from datasets.scenario import Scenario
 
-from .base import ContinualMethod, classifier_head, masked_cross_entropy
-from .hidelora import LORA_READS_FLAGS
-from .lora import build_lora_pool, check_lora_flags, forward_lora
-from .vit import create_backbone, freeze
+from .base import ContinualMethod, classifier_head, create_backbone_from, masked_cross_entropy
+from .lora import build_lora_pool, check_lora_type, forward_lora
+from .vit import freeze
 
 
 class ContinualLoRA(ContinualMethod):
     checkpoint_prefixes = ("lora.", "head.")
-    reads_flags = LORA_READS_FLAGS
+    settings_groups = (LoRATypeSettings, LoRASettings)
 
     @classmethod
-    def finalize_config(cls, cfg: Namespace) -> None:
-        check_lora_flags(cfg, "continual")
+    def resolve_settings(cls, draft: Any) -> None:
+        check_lora_type(draft, "continual")
 
-    def __init__(self, cfg: Namespace, scenario: Scenario):
+    def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__(cfg, scenario)
-        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
-                                        checkpoint=cfg.pretrained_checkpoint)
+        self.backbone = create_backbone_from(cfg)
         freeze(self.backbone)
-        self.lora = build_lora_pool(self.backbone, 1, cfg)
+        self.lora = build_lora_pool(self.backbone, 1, cfg.group(LoRASettings))
         self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
 
     def begin_task(self, t: int) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Low-rank adapters of the key and value projections (spec §1.5): a pool of slots, each holding, for each adapted
+"""Low-rank adapters of the key and value projections: a pool of slots, each holding, for each adapted
 block, A (dim x r) and B (r x dim) for the keys and for the values. The queries are never adapted.
 
 The update of block i is k += (x A_k) B_k / r and v += (x A_v) B_v / r (the reference's alpha = 1), computed at rank r
@@ -9,12 +9,13 @@ time), gathered here and applied with batched matrix products.
 from __future__ import annotations
 
 import math
-from argparse import Namespace
+from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from config.settings import LoRASettings
 from utils import UserError
 
 from .vit import check_promptable, forward_prompted
@@ -26,8 +27,8 @@ class LoraPool(nn.Module):
     """`a`: (pool, layers, 2, dim, rank), `b`: (pool, layers, 2, rank, dim); index 0/1 of dim 2 = keys/values.
 
     B starts at zero, so every slot starts as the identity. A is uniform: `reference` within +-1/sqrt(rank), what the
-    reference's kaiming_uniform_(a=sqrt(5)) gives on a (dim x rank) matrix, whose fan-in it takes to be the rank
-    (Q13); `standard` within +-1/sqrt(dim), the usual LoRA scale (fan-in = the input width).
+    reference's kaiming_uniform_(a=sqrt(5)) gives on a (dim x rank) matrix, whose fan-in it takes to be the rank;
+    `standard` within +-1/sqrt(dim), the usual LoRA scale (fan-in = the input width).
     """
 
     def __init__(self, pool_size: int, num_layers: int, dim: int, rank: int, init: str = "reference"):
@@ -47,7 +48,7 @@ class LoraPool(nn.Module):
 
     @torch.no_grad()
     def init_slot_from_previous(self, t: int) -> None:
-        """Slot t starts where slot t-1 ended (HiDe-LoRA, spec §2.5)."""
+        """Slot t starts where slot t-1 ended (HiDe-LoRA)."""
         if t > 0:
             self.a[t] = self.a[t - 1]
             self.b[t] = self.b[t - 1]
@@ -59,13 +60,13 @@ class LoraPool(nn.Module):
             weight[t] = (1 - momentum) * weight[t] + momentum * weight[:t].mean(0)
 
 
-def build_lora_pool(backbone: VisionTransformer, pool_size: int, cfg: Namespace) -> LoraPool:
+def build_lora_pool(backbone: VisionTransformer, pool_size: int, settings: LoRASettings) -> LoraPool:
     """A pool for blocks 0..--lora_depth-1 of `backbone` with --lora_rank and --lora_init."""
     check_promptable(backbone)
-    if not 1 <= cfg.lora_depth <= len(backbone.blocks):
-        raise UserError(f"--lora_depth {cfg.lora_depth}: this model has {len(backbone.blocks)} blocks; adapt 1 to "
-                        f"{len(backbone.blocks)} of them")
-    return LoraPool(pool_size, cfg.lora_depth, backbone.embed_dim, cfg.lora_rank, cfg.lora_init)
+    if not 1 <= settings.lora_depth <= len(backbone.blocks):
+        raise UserError(f"--lora_depth {settings.lora_depth}: this model has {len(backbone.blocks)} blocks; adapt 1 "
+                        f"to {len(backbone.blocks)} of them")
+    return LoraPool(pool_size, settings.lora_depth, backbone.embed_dim, settings.lora_rank, settings.lora_init)
 
 
 def forward_lora(backbone: VisionTransformer, images: torch.Tensor, pool: LoraPool,
@@ -74,13 +75,9 @@ def forward_lora(backbone: VisionTransformer, images: torch.Tensor, pool: LoraPo
     return forward_prompted(backbone, images, lora=pool.adapters(slots), pre_fc_norm=pre_fc_norm)
 
 
-def check_lora_flags(cfg: Namespace, lora_type: str) -> None:
-    """Parse-time checks of the LoRA flags of a method whose LoRA module is `lora_type`."""
-    if cfg.lora_type != lora_type:
-        method = {"continual": "continual_lora", "hide": "hidelora"}[cfg.lora_type]
-        raise UserError(f"--lora_type {cfg.lora_type} is the {method} method; {cfg.subcommand} takes --lora_type "
+def check_lora_type(draft: Any, lora_type: str) -> None:
+    """Parse time: --lora_type, the reference's switch between the two LoRA methods, names this method's module."""
+    if draft.lora_type != lora_type:
+        method = {"continual": "continual_lora", "hide": "hidelora"}[draft.lora_type]
+        raise UserError(f"--lora_type {draft.lora_type} is the {method} method; {draft.subcommand} takes --lora_type "
                         f"{lora_type} (or run <dataset>_{method})")
-    if cfg.lora_rank < 1:
-        raise UserError(f"--lora_rank must be at least 1, got {cfg.lora_rank}")
-    if not 0.0 <= cfg.lora_momentum < 1.0:
-        raise UserError(f"--lora_momentum is a mixing weight in [0, 1), got {cfg.lora_momentum}")

@@ -2,27 +2,25 @@
 training features, and a test image goes to the class mean with the highest cosine similarity."""
 from __future__ import annotations
 
-from argparse import Namespace
-
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from config.resolved import Config
 from datasets.scenario import Scenario
 from utils import all_reduce_sum, maybe_autocast
 
-from .base import ContinualMethod
-from .vit import create_backbone, freeze
+from .base import ContinualMethod, create_backbone_from
+from .vit import freeze
 
 
 class NCM(ContinualMethod):
     trains = False
     checkpoint_prefixes = ("class_sums", "class_counts")
 
-    def __init__(self, cfg: Namespace, scenario: Scenario):
+    def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__(cfg, scenario)
-        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size,
-                                        checkpoint=cfg.pretrained_checkpoint)
+        self.backbone = create_backbone_from(cfg, with_dropout=False)
         freeze(self.backbone)
         # sums and counts, not means: they add up exactly across ranks and tasks
         self.register_buffer("class_sums", torch.zeros(scenario.num_classes, self.backbone.num_features,
@@ -35,7 +33,7 @@ class NCM(ContinualMethod):
         device = self.class_sums.device
         for images, targets in stats_loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with maybe_autocast(device, self.cfg.amp):
+            with maybe_autocast(device, self.cfg.run.amp):
                 feats = self.backbone(images)
             sums.index_add_(0, targets, feats.double())
             counts.index_add_(0, targets, torch.ones_like(targets, dtype=torch.float64))

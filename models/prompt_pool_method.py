@@ -1,6 +1,6 @@
 """L2P, DualPrompt and S-Prompt++: a frozen ViT instructed by prompts chosen from a pool by key-query matching.
 
-The three are one mechanism with different presets (config.METHOD_PRESETS):
+The three are one mechanism with different presets (config/presets.py):
 - L2P: prompt tuning (tokens prepended before block 0), top-4 of 10 slots chosen by key matching in training too,
   pull constraint 0.1.
 - DualPrompt: a task-shared G-prompt (prefix, blocks 0-1) and E-prompts (prefix, blocks 2-4); training uses task t's
@@ -11,70 +11,65 @@ unless `--batchwise_prompt_eval` asks for the reference's batch-majority vote.
 """
 from __future__ import annotations
 
-from argparse import Namespace
-
 import torch
 import torch.nn as nn
 
-from config import PROMPT_FLAGS
+from config.resolved import Config
+from config.settings import EPromptSettings, PromptPoolSettings, QueryModelSettings, SlotSettings
 from datasets.scenario import Scenario
 from utils import UserError, warn
 
-from .base import ContinualMethod, classifier_head, masked_cross_entropy
+from .base import ContinualMethod, classifier_head, create_backbone_from, create_query_model, masked_cross_entropy
 from .prompts import PromptPool
-from .vit import check_promptable, create_backbone, forward_prompted, freeze, freeze_pretrained, pretrained_features
+from .vit import check_promptable, forward_prompted, freeze_pretrained, pretrained_features
 
 
 class PromptPoolMethod(ContinualMethod):
     find_unused_parameters = True  # unselected slots and unused keys get no gradient in a step
-    reads_flags = frozenset({"original_model"} | set(PROMPT_FLAGS))
+    settings_groups = (QueryModelSettings, SlotSettings, EPromptSettings, PromptPoolSettings)
     checkpoint_prefixes = ("e_prompt.", "g_prompt", "head.")
 
-    def __init__(self, cfg: Namespace, scenario: Scenario):
+    def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__(cfg, scenario)
-        self.backbone = create_backbone(cfg.model, cfg.pretrained, cfg.input_size, cfg.drop, cfg.drop_path,
-                                        checkpoint=cfg.pretrained_checkpoint)
+        self.slots, self.prompts = cfg.group(SlotSettings), cfg.group(EPromptSettings)
+        self.pool = cfg.group(PromptPoolSettings)
+        self.backbone = create_backbone_from(cfg)
         check_promptable(self.backbone)
         freeze_pretrained(self.backbone)
         # a fresh fc_norm (MoCo v3) trains with the prompts, as in the reference, so it is saved with them
         self.checkpoint_prefixes = type(self).checkpoint_prefixes + tuple(f"backbone.{k}"
                                                                          for k in self.backbone.fresh_keys)
-        # the query model is the same ViT when names and weight files agree: one copy in memory, identical weights
-        if (cfg.original_backbone, cfg.original_model_checkpoint) == (cfg.backbone, cfg.pretrained_checkpoint):
-            self.query_model = self.backbone
-        else:
-            self.query_model = create_backbone(cfg.original_model, cfg.pretrained, cfg.input_size,
-                                               checkpoint=cfg.original_model_checkpoint, flag="--original_model")
-            freeze(self.query_model)
+        self.query_model = create_query_model(cfg, self.backbone)
         dim, heads = self.backbone.embed_dim, self.backbone.blocks[0].attn.num_heads
-        self._check_config(cfg, scenario)
-        self.e_layers = list(cfg.e_prompt_layer_idx) if cfg.use_e_prompt else []
-        self.g_layers = list(cfg.g_prompt_layer_idx) if cfg.use_g_prompt else []
-        self.e_prompt = PromptPool(len(self.e_layers), cfg.size, cfg.length, dim, heads,
-                                   prefix=cfg.use_prefix_tune_for_e_prompt, top_k=cfg.top_k,
-                                   learn_keys=cfg.prompt_key, key_dim=self.query_model.num_features)
-        self.g_prompt = (nn.Parameter(torch.empty(len(self.g_layers), 2, cfg.g_prompt_length, heads, dim // heads)
-                                      .uniform_(-1, 1)) if self.g_layers else None)
+        self._check_config(cfg.method, self.slots.size, self.prompts, self.pool, scenario)
+        self.e_layers = list(self.prompts.e_prompt_layer_idx) if self.prompts.use_e_prompt else []
+        self.g_layers = list(self.pool.g_prompt_layer_idx) if self.pool.use_g_prompt else []
+        self.e_prompt = PromptPool(len(self.e_layers), self.slots.size, self.prompts.length, dim, heads,
+                                   prefix=self.prompts.use_prefix_tune_for_e_prompt, top_k=self.pool.top_k,
+                                   learn_keys=self.pool.prompt_key, key_dim=self.query_model.num_features)
+        self.g_prompt = (nn.Parameter(torch.empty(len(self.g_layers), 2, self.pool.g_prompt_length, heads,
+                                                  dim // heads).uniform_(-1, 1)) if self.g_layers else None)
         self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
-        if cfg.batchwise_prompt_eval:
+        if self.prompts.batchwise_prompt_eval:
             warn("--batchwise_prompt_eval selects one prompt per test batch by majority vote; test batches hold one "
                  "task, so this leaks near-oracle task identity (the reference's evaluation)")
 
     @staticmethod
-    def _check_config(cfg: Namespace, scenario: Scenario) -> None:
-        if not cfg.use_e_prompt:
-            raise UserError(f"{cfg.method} needs E-prompts; drop --use_e_prompt False")
-        if cfg.use_g_prompt and not cfg.use_prefix_tune_for_g_prompt:
+    def _check_config(method: str, size: int, prompts: EPromptSettings, pool: PromptPoolSettings,
+                      scenario: Scenario) -> None:
+        if not prompts.use_e_prompt:
+            raise UserError(f"{method} needs E-prompts; drop --use_e_prompt False")
+        if pool.use_g_prompt and not pool.use_prefix_tune_for_g_prompt:
             raise UserError("G-prompts are implemented as prefixes only; drop --use_prefix_tune_for_g_prompt False")
-        if cfg.use_prompt_mask and scenario.num_tasks * cfg.top_k > cfg.size:
-            raise UserError(f"--use_prompt_mask needs a slot per task: --size {cfg.size} < {scenario.num_tasks} tasks "
-                            f"x --top_k {cfg.top_k}")
-        if not cfg.use_prompt_mask and not cfg.prompt_key:
+        if prompts.use_prompt_mask and scenario.num_tasks * pool.top_k > size:
+            raise UserError(f"--use_prompt_mask needs a slot per task: --size {size} < {scenario.num_tasks} tasks "
+                            f"x --top_k {pool.top_k}")
+        if not prompts.use_prompt_mask and not pool.prompt_key:
             raise UserError("without --use_prompt_mask the slots are chosen by key matching; keep --prompt_key")
 
     def begin_task(self, t: int) -> list[dict]:
-        if self.cfg.shared_prompt_pool and self.e_prompt is not None:
-            self.e_prompt.init_slots_from_previous(t, copy_keys=self.cfg.shared_prompt_key)
+        if self.prompts.shared_prompt_pool and self.e_prompt is not None:
+            self.e_prompt.init_slots_from_previous(t, copy_keys=self.pool.shared_prompt_key)
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
     def _query(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
@@ -82,9 +77,9 @@ class PromptPoolMethod(ContinualMethod):
 
     def _needs_query_in_training(self) -> bool:
         """With the prompt mask the slot is task t's; the query then only feeds the pull constraint."""
-        if not self.cfg.use_prompt_mask:
+        if not self.prompts.use_prompt_mask:
             return True
-        return bool(self.cfg.pull_constraint and self.cfg.pull_constraint_coeff and self.e_prompt.key is not None)
+        return bool(self.pool.pull_constraint and self.pool.pull_constraint_coeff and self.e_prompt.key is not None)
 
     def _features(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         batch = images.shape[0]
@@ -92,7 +87,7 @@ class PromptPoolMethod(ContinualMethod):
         prompt_tokens: dict[int, torch.Tensor] = {}
         for j, layer in enumerate(self.g_layers):
             prefixes[layer] = self.g_prompt[j].unsqueeze(0).expand(batch, -1, -1, -1, -1)
-        chosen = self.e_prompt.gather(idx, legacy_reshape=self.cfg.legacy_prefix_reshape)
+        chosen = self.e_prompt.gather(idx, legacy_reshape=self.prompts.legacy_prefix_reshape)
         for j, layer in enumerate(self.e_layers):
             if self.e_prompt.prefix:
                 prefixes[layer] = torch.cat([prefixes[layer], chosen[j]], dim=2) if layer in prefixes else chosen[j]
@@ -102,18 +97,18 @@ class PromptPoolMethod(ContinualMethod):
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         query = self._query(images) if self._needs_query_in_training() else None
-        if self.cfg.use_prompt_mask:
+        if self.prompts.use_prompt_mask:
             idx = self.e_prompt.task_slots(t, images.shape[0])
             sim = self.e_prompt.similarity(query) if query is not None else None
         else:
-            idx, sim = self.e_prompt.select(query, batchwise=self.cfg.batchwise_prompt)
+            idx, sim = self.e_prompt.select(query, batchwise=self.pool.batchwise_prompt)
         logits = self.head(self._features(images, idx))
         loss = masked_cross_entropy(logits, targets, self.train_mask(t))
-        if self.cfg.pull_constraint and sim is not None:
-            loss = loss - self.cfg.pull_constraint_coeff * PromptPool.pull_term(sim, idx)
+        if self.pool.pull_constraint and sim is not None:
+            loss = loss - self.pool.pull_constraint_coeff * PromptPool.pull_term(sim, idx)
         return loss, logits
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
-        idx, _ = self.e_prompt.select(self._query(images, batch_key), batchwise=self.cfg.batchwise_prompt_eval)
+        idx, _ = self.e_prompt.select(self._query(images, batch_key), batchwise=self.prompts.batchwise_prompt_eval)
         return self.head(self._features(images, idx))

@@ -14,7 +14,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 
-from config import parse_args
+from config.cli import parse_args
 from conftest import REPO, TINY, read_json, run_main, script_commands
 from datasets import build_scenario
 from models import create_method
@@ -302,7 +302,7 @@ def test_every_reference_name_resolves_to_its_pinned_weights():
     for alias, name in expected.items():
         entry = resolve_backbone(alias)
         assert (entry.name, entry.alias_used, entry.arch) == (name, alias, "vit_base_patch16_224")
-        assert parse_args(["cifar100_l2p", "--model", alias]).backbone == name  # one experiment, either spelling
+        assert parse_args(["cifar100_l2p", "--model", alias]).context.backbone == name  # one experiment, either spelling
     # the reference's file names (spec §7.1) and the published ones
     files = {b.name: b.files for b in BACKBONES}
     assert files["vit_base_patch16_224.ibot_in22k"] == ("checkpoint.pth",)
@@ -347,8 +347,9 @@ def test_a_run_loads_the_file_given_and_prints_what_the_name_resolved_to(tmp_pat
     assert (f"backbone: vit_tiny_patch16_224.augreg_in21k_ft_in1k, architecture vit_tiny_patch16_224, weights: "
             f"{len(source.state_dict())} tensors from {tmp_path / 'w.safetensors'} (flat state dict)") in log
     config = read_json(out / "config.json")
-    assert (config["pretrained"], config["pretrained_checkpoint"]) == (True, str(tmp_path / "w.safetensors"))
-    assert config["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    assert (config["backbone"]["pretrained"], config["backbone"]["pretrained_checkpoint"]) == (
+        True, str(tmp_path / "w.safetensors"))
+    assert config["context"]["backbone"] == "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
 def _prompt_method(*flags: str, subcommand: str = "digits_sprompt"):
@@ -411,7 +412,7 @@ def test_backbone_scripts_launch_both_stages_with_the_reference_settings(tmp_pat
             assert second.output_dir == f"./output/{name}_pe_seed{seed}"
             for cfg in (first, second):
                 assert cfg.subcommand == f"{dataset}_hideprompt"
-                assert cfg.model == cfg.original_model == cfg.backbone == SCRIPT_MODELS[backbone]
+                assert cfg.model == cfg.original_model == cfg.context.backbone == SCRIPT_MODELS[backbone]
         stage1, stage2 = configs[0], configs[2]
         if dataset == "five_datasets":
             assert (stage1.batch_size, stage1.lr, stage1.sched) == (32, 0.001, "constant")

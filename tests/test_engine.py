@@ -127,10 +127,10 @@ def test_demo_under_torchrun_with_two_processes(tmp_path):
     for name in ("hideprompt_stage1", "hideprompt", "ncm", "linear", "dualprompt"):
         results = read_json(out / name / "results.json")
         assert results["completed_tasks"] == results["num_tasks"] == 5
-        assert results["config"]["world_size"] == 2
+        assert results["config"]["context"]["world_size"] == 2
         assert f"{results['final']['avg_acc']:.2f}" in table and f"{results['final']['avg_tii_acc']:.2f}" in table
         assert list((out / name / "tensorboard").glob("events.out.tfevents.*"))
     stage1, stage2 = (read_json(out / name / "results.json") for name in ("hideprompt_stage1", "hideprompt"))
-    assert stage2["config"]["trained_original_model"] == str(out / "hideprompt_stage1")
+    assert stage2["config"]["hide"]["trained_original_model"] == str(out / "hideprompt_stage1")
     # stage 2 picks each test image's prompt with stage 1's task prediction: the same task-identity accuracy
     assert stage2["final"]["tii_acc"] == stage1["final"]["tii_acc"]

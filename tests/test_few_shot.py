@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import metrics
-from config import SUBCOMMANDS, parse_args
+from config.cli import parse_args, subcommands
 from conftest import TINY, read_json, run_cli, run_main, script_commands
 from datasets.base import Benchmark, TransformedDataset
 from datasets.cub import load_cub200
@@ -84,19 +84,20 @@ def test_episodes_depend_on_seed_and_index_only():
 
 
 def test_subcommands_flags_and_contradictions():
-    assert {"imr_few_shot_lora", "cub_cars_few_shot_lora", "digits_few_shot_lora"} <= set(SUBCOMMANDS)
-    assert "cub_cars_l2p" not in SUBCOMMANDS and "cifar100_few_shot_lora" not in SUBCOMMANDS
+    assert {"imr_few_shot_lora", "cub_cars_few_shot_lora", "digits_few_shot_lora"} <= set(subcommands())
+    assert "cub_cars_l2p" not in subcommands() and "cifar100_few_shot_lora" not in subcommands()
     imr = parse_args(["imr_few_shot_lora"])
     assert (imr.datasets, imr.num_tasks, imr.num_classes, imr.few_class_idx) == (
-        ["Split-Imagenet-R"], 8, 160, [160, 161, 162, 163, 164])
-    assert (imr.num_fs_epochs, imr.fs_backbone, imr.fs_lr, imr.clip_grad, imr.lora_rank) == (
-        20, "shared", 0.001, 2.0, 4)
+        ("Split-Imagenet-R",), 8, 160, (160, 161, 162, 163, 164))
+    # the reference script's settings: 50 upstream epochs at lr 0.01, rank 8; 50 episodes of 50 epochs
+    assert (imr.epochs, imr.lr, imr.num_episodes, imr.num_fs_epochs, imr.fs_backbone, imr.fs_lr, imr.clip_grad,
+            imr.lora_rank) == (50, 0.01, 50, 50, "shared", 0.001, 2.0, 8)
     assert imr.train_vanilla and imr.train_shared and imr.train_few_shot  # no switch: all three
     assert (imr.vanilla_model_output_dir, imr.shared_model_output_dir) == ("./output/vanilla_model",
                                                                            "./output/shared_model")
     cars = parse_args(["cub_cars_few_shot_lora", "--few_shot_dataset_idx", "1", "--output_dir", "o"])
     assert cars.dataset == "Split-Cars196+Split-CUB200" and cars.num_tasks == 16 and cars.num_classes == 320
-    assert cars.few_class_idx == [160, 161, 162, 163, 164] and cars.fs_backbone == "vanilla+shared"
+    assert cars.few_class_idx == (160, 161, 162, 163, 164) and cars.fs_backbone == "vanilla+shared"
     assert cars.vanilla_model_output_dir == "o/vanilla_model"
     only = parse_args(["imr_few_shot_lora", "--train_shared"])
     assert only.train_shared and not only.train_vanilla and not only.train_few_shot
@@ -127,8 +128,8 @@ def test_the_reference_command_lines_parse_with_their_meaning():
     assert (shared.train_vanilla, shared.train_shared, shared.train_few_shot) == (False, True, False)
     assert (episodes.num_fs_epochs, episodes.num_shots, episodes.num_episodes) == (50, 5, 50)
     assert episodes.shared_model_output_dir == "./output/imr_ibot21k_shared_model"
-    assert shared.backbone == "vit_base_patch16_224.ibot_in22k" and shared.lora_rank == 8
-    assert shared.no_effect_flags == ["lora_type", "original_model"]  # read by nothing here: warned about
+    assert shared.context.backbone == "vit_base_patch16_224.ibot_in22k" and shared.lora_rank == 8
+    assert shared.no_effect_flags == ("lora_type", "original_model")  # read by nothing here: warned about
 
 
 def test_digits_flow_resumes_and_gives_the_same_episodes_on_two_processes(tmp_path, capsys):
@@ -141,9 +142,9 @@ def test_digits_flow_resumes_and_gives_the_same_episodes_on_two_processes(tmp_pa
     shared = torch.load(out / "shared_model" / "checkpoint" / "task3_checkpoint.pth", weights_only=False)
     assert set(shared["model"]) == {"lora.a", "lora.b", "head.weight", "head.bias"}
     assert shared["model"]["lora.a"].shape == (1, 5, 2, 192, 4) and shared["model"]["head.weight"].shape == (6, 192)
-    assert shared["config"]["stage"] == "shared" and shared["model"]["lora.b"].abs().sum() > 0
+    assert shared["config"]["part"] == "shared" and shared["model"]["lora.b"].abs().sum() > 0
     vanilla = torch.load(out / "vanilla_model" / "checkpoint" / "task3_checkpoint.pth", weights_only=False)
-    assert set(vanilla["model"]) == {"head.weight", "head.bias"} and vanilla["config"]["stage"] == "vanilla"
+    assert set(vanilla["model"]) == {"head.weight", "head.bias"} and vanilla["config"]["part"] == "vanilla"
 
     record = read_json(out / RESULTS)
     accuracies = [e["accuracy"] for e in record["episodes"]]
@@ -276,7 +277,7 @@ def test_few_shot_script_launches_the_reference_runs(tmp_path):
     assert (vanilla.train_vanilla, shared.train_shared, episodes.train_few_shot) == (True, True, True)
     assert not (vanilla.train_shared or vanilla.train_few_shot or episodes.train_vanilla)
     for cfg in (vanilla, shared, episodes):
-        assert (cfg.backbone, cfg.batch_size, cfg.epochs, cfg.lr, cfg.lora_rank, cfg.seed) == (
+        assert (cfg.context.backbone, cfg.batch_size, cfg.epochs, cfg.lr, cfg.lora_rank, cfg.seed) == (
             "vit_base_patch16_224.ibot_in22k", 24, 50, 0.01, 8, 42)
         assert cfg.shared_model_output_dir == "./output/imr_ibot21k_shared_model_seed42"
     assert (episodes.fs_backbone, episodes.num_fs_epochs, episodes.num_shots, episodes.num_episodes) == (

@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from config import parse_args
+from config.cli import parse_args
 from conftest import read_json, run_cli, run_main
 from utils import UserError
 
@@ -31,7 +31,8 @@ def runs(tmp_path_factory):
 
 def test_the_two_launch_flow_equals_the_one_command_flow(runs):
     tii, wtp, both = (read_json(runs / name / "results.json") for name in ("tii", "wtp", "both"))
-    assert tii["config"]["stage"] == "tii" and wtp["config"]["stage"] == "wtp" and both["config"]["stage"] == "both"
+    assert tii["config"]["hide"]["stage"] == "tii" and wtp["config"]["hide"]["stage"] == "wtp"
+    assert both["config"]["hide"]["stage"] == "both"
     assert both["acc_matrix"] == wtp["acc_matrix"]
     for mine, theirs in zip(both["tasks"], wtp["tasks"]):
         assert mine["tii_acc"] == theirs["tii_acc"]
@@ -111,15 +112,19 @@ def test_stage_flags_resolve_and_contradictions_fail():
             parse_args(["digits_hideprompt", *bad])
 
 
-def test_presets_follow_the_reference_configs():
+def test_presets_follow_the_reference_configs_and_scripts():
+    # a bare subcommand is the paper's stage 2 (the settings of the reference's training script)
     c100 = parse_args(["cifar100_hideprompt"])
-    assert (c100.original_model_mlp_structure, c100.e_prompt_layer_idx, c100.length, c100.size, c100.prompt_key,
-            c100.prompt_momentum, c100.reg, c100.sched, c100.ca_storage_efficient_method, c100.n_centroids,
-            c100.crct_epochs, c100.ca_lr) == ([2], [0, 1, 2, 3, 4], 20, 10, False, 0.01, 0.01, "step",
-                                              "multi-centroid", 10, 30, 0.005)
+    assert (c100.original_model_mlp_structure, c100.e_prompt_layer_idx, c100.length, c100.size, c100.prompt_momentum,
+            c100.reg, c100.larger_prompt_lr, c100.epochs, c100.sched, c100.ca_storage_efficient_method,
+            c100.n_centroids, c100.crct_epochs, c100.ca_lr) == ((2,), (0, 1, 2, 3, 4), 5, 10, 0.01, 0.1, True, 50,
+                                                                "step", "multi-centroid", 10, 30, 0.005)
+    # and its stage-1 launch the paper's stage 1
+    stage1 = parse_args(["cifar100_hideprompt", "--train_inference_task_only"])
+    assert (stage1.stage, stage1.epochs, stage1.lr, stage1.sched) == ("tii", 20, 0.0005, "constant")
     five = parse_args(["five_datasets_hideprompt"])
-    assert (five.original_model_mlp_structure, five.size, five.length, five.reg, five.batch_size) == (
-        [4, 4], 5, 40, 0.0, 16)
+    assert (five.original_model_mlp_structure, five.size, five.length, five.reg, five.batch_size, five.clip_grad) == (
+        (4, 4), 5, 40, 0.1, 32, 2.0)
 
 
 def test_larger_prompt_lr_lowers_the_head_lr_as_the_reference(tmp_path):
@@ -164,7 +169,7 @@ def test_the_reference_scripts_launch_stage_one_then_stage_two_on_its_output(tmp
         assert (stage2[0].epochs, stage2[0].length, stage2[0].reg, stage2[0].prompt_momentum, stage2[0].sched) == (
             50, 5, 0.1, 0.01, "step")
     if dataset == "five_datasets":
-        assert (stage2[0].batch_size, stage2[0].clip_grad, stage2[0].original_model_mlp_structure) == (32, 2.0, [4, 4])
+        assert (stage2[0].batch_size, stage2[0].clip_grad, stage2[0].original_model_mlp_structure) == (32, 2.0, (4, 4))
 
 
 def test_five_datasets_gets_statistics_for_every_member(tmp_path):
@@ -212,4 +217,4 @@ def test_moco_v3_trains_its_fresh_fc_norm_in_both_stages_as_the_reference():
     assert {"wtp_fc_norm.weight", "tii.fc_norm.weight"} <= set(method.checkpoint_state())
     with torch.no_grad():  # the uninstructed feature skips the fresh norm
         vit = method.original_vit
-        assert torch.equal(method._uninstructed(images), vit.pool(vit.forward_features(images)))
+        assert torch.equal(method.uninstructed(images), vit.pool(vit.forward_features(images)))

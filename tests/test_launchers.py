@@ -23,7 +23,7 @@ def test_slurm_two_tasks(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:]
     assert "2 process(es)" in outputs[0][0] and outputs[1][0] == ""  # only rank 0 prints
     results = read_json(out / "results.json")
-    assert results["config"]["world_size"] == 2 and results["final"]["test_images"] == 540
+    assert results["config"]["context"]["world_size"] == 2 and results["final"]["test_images"] == 540
 
 
 def test_legacy_launch_without_use_env(tmp_path):
@@ -34,5 +34,5 @@ def test_legacy_launch_without_use_env(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     results = read_json(out / "results.json")
-    assert results["config"]["world_size"] == 2
+    assert results["config"]["context"]["world_size"] == 2
     assert results["final"]["test_images"] == 540 and results["completed_tasks"] == 1

@@ -1,8 +1,10 @@
 """L2P, DualPrompt and S-Prompt++ (one mechanism, three presets) on tiny data."""
+import dataclasses
+
 import pytest
 import torch
 
-from config import parse_args
+from config.cli import parse_args
 from conftest import read_json, run_main
 from datasets import build_scenario
 from models import create_method
@@ -30,13 +32,13 @@ def test_prompt_methods_run_end_to_end_and_save_only_what_they_train(tmp_path, m
 def test_presets_match_the_reference_table():
     l2p = parse_args(["cifar100_l2p"])
     assert (l2p.e_prompt_layer_idx, l2p.use_prefix_tune_for_e_prompt, l2p.length, l2p.top_k, l2p.use_prompt_mask,
-            l2p.batchwise_prompt, l2p.pull_constraint_coeff) == ([0], False, 5, 4, False, True, 0.1)
+            l2p.batchwise_prompt, l2p.pull_constraint_coeff) == ((0,), False, 5, 4, False, True, 0.1)
     dp = parse_args(["cifar100_dualprompt"])
     assert (dp.use_g_prompt, dp.g_prompt_layer_idx, dp.e_prompt_layer_idx, dp.length, dp.top_k,
             dp.use_prompt_mask, dp.shared_prompt_pool, dp.batchwise_prompt) == (
-        True, [0, 1], [2, 3, 4], 20, 1, True, True, False)
+        True, (0, 1), (2, 3, 4), 20, 1, True, True, False)
     sp = parse_args(["cifar100_sprompt"])
-    assert (sp.use_g_prompt, sp.e_prompt_layer_idx, sp.batchwise_prompt) == (False, [0, 1, 2, 3, 4], True)
+    assert (sp.use_g_prompt, sp.e_prompt_layer_idx, sp.batchwise_prompt) == (False, (0, 1, 2, 3, 4), True)
     assert sp.batchwise_prompt_eval is False  # per-sample selection at test time unless asked
 
 
@@ -71,16 +73,16 @@ def test_the_query_model_runs_once_per_image_in_training_and_at_test():
 
 def _count_query_images(monkeypatch) -> list[int]:
     """Patch method creation so that every batch through the frozen query model is recorded (its size)."""
-    import models
+    import main
     calls: list[int] = []
-    create = models.create_method
+    create = main.create_method
 
     def counting_create(cfg, scenario):
         method = create(cfg, scenario)
         method.query_model.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
         return method
 
-    monkeypatch.setattr(models, "create_method", counting_create)
+    monkeypatch.setattr(main, "create_method", counting_create)
     return calls
 
 
@@ -119,16 +121,16 @@ def test_test_time_selection_is_per_sample_unless_the_vote_is_asked_for():
     method._features = fake_features
     method.predict(torch.randn(3, 3, 32, 32))
     assert features["idx"].tolist() == [[0], [1], [1]]
-    method.cfg.batchwise_prompt_eval = True
+    method.prompts = dataclasses.replace(method.prompts, batchwise_prompt_eval=True)
     features.clear()
     method.predict(torch.randn(3, 3, 32, 32))
     assert features["idx"].tolist() == [[1], [1], [1]]
 
 
 def test_prompt_flags_warn_on_baselines_and_contradictions_fail():
-    assert parse_args(["digits_linear", "--top_k", "2", "--original_model", "x"]).no_effect_flags == [
-        "original_model", "top_k"]
-    assert parse_args(["digits_l2p", "--top_k", "2"]).no_effect_flags == []
+    assert parse_args(["digits_linear", "--top_k", "2", "--original_model", "x"]).no_effect_flags == (
+        "original_model", "top_k",)
+    assert parse_args(["digits_l2p", "--top_k", "2"]).no_effect_flags == ()
     from utils import UserError
     with pytest.raises(UserError, match="--size 3 < 5 tasks"):
         _method("digits_dualprompt", "--size", "3")
@@ -170,7 +172,7 @@ REFERENCE_COMMANDS = {
 def test_the_reference_readme_command_lines_parse(subcommand):
     cfg = parse_args(REFERENCE_COMMANDS[subcommand].split())
     assert (cfg.subcommand, cfg.batch_size, cfg.data_path, cfg.seed) == (subcommand, 24, "./datasets", 42)
-    assert cfg.epochs == (5 if subcommand == "cifar100_l2p" else 40) and cfg.no_effect_flags == []
+    assert cfg.epochs == (5 if subcommand == "cifar100_l2p" else 40) and cfg.no_effect_flags == ()
 
 
 def test_every_flag_of_the_reference_prompt_configs_parses_and_the_unread_ones_warn_once(tmp_path, capsys):

@@ -1,0 +1,97 @@
+"""A run's files on disk: where its task checkpoints are, reading them, and checking a folder before a run writes
+into it. A leaf module: the engine and the methods (HiDe's stage 2 reads stage 1's files) both import it."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config.resolved import Config, config_to_dict, differing_settings, flat_settings
+from utils import UserError
+
+# Keys that define the experiment: a resume with any of them changed is refused. Backbones count by the table name
+# they resolve to, so an alias and its name are the same experiment.
+EXPERIMENT_KEYS = ("dataset", "method", "stage", "backbone", "pretrained_checkpoint", "original_backbone",
+                   "original_model_checkpoint", "num_tasks", "class_order", "input_size", "pretrained", "seed")
+
+
+def checkpoint_path(output_dir: str | Path, task: int) -> Path:
+    """The reference's path, so stage-2 style reuse of a run's per-task files keeps working (task is 0-based)."""
+    return Path(output_dir) / "checkpoint" / f"task{task + 1}_checkpoint.pth"
+
+
+def completed_tasks(output_dir: str | Path, num_tasks: int) -> int:
+    """Number of consecutive task checkpoints present from task 1 on."""
+    done = 0
+    while done < num_tasks and checkpoint_path(output_dir, done).is_file():
+        done += 1
+    return done
+
+
+def check_output_dir(output_dir: str, num_tasks: int, evaluating: bool, resuming: bool,
+                     flag: str = "--output_dir") -> None:
+    """Refuse, before anything is written, to overwrite a run, to write where we cannot, or to evaluate nothing
+    (`flag` names the option that chose `output_dir`)."""
+    out = Path(output_dir)
+    if evaluating:
+        missing = [str(checkpoint_path(out, t)) for t in range(num_tasks) if not checkpoint_path(out, t).is_file()]
+        if missing:
+            raise UserError(f"--eval needs the checkpoint of every task, but {len(missing)} are missing "
+                            f"(first: {missing[0]}); point {flag} at a finished run")
+        return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag} {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not resuming:
+        raise UserError(f"{flag} {out} is not empty; pass --resume to continue the run in it, "
+                        f"or choose another {flag}")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out} is not writable ({existing} does not allow it); choose another folder")
+
+
+def check_run_complete(directory: str, num_tasks: int, flag: str, hint: str) -> None:
+    """Every task checkpoint of the run in `directory` (which option `flag` points at) is there; `hint` says how to
+    make them."""
+    missing = [t for t in range(num_tasks) if not checkpoint_path(directory, t).is_file()]
+    if missing:
+        raise UserError(f"{flag} {directory}: {checkpoint_path(directory, missing[0])} is missing ({len(missing)} of "
+                        f"{num_tasks} task checkpoints absent); {hint}")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, unpickling errors, permission problems
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}: {str(err)[:120]}); "
+                        f"delete it to retrain that task") from err
+
+
+def check_same_experiment(saved: dict[str, Any], cfg: Config, path: Path,
+                          keys: Sequence[str] = EXPERIMENT_KEYS) -> None:
+    """`saved` (a saved config, any layout) and `cfg` agree on `keys`, the settings that define what `path` holds.
+    A key this method does not have (a setting it does not read) is no part of its experiment."""
+    present = [k for k in keys if k in flat_settings(config_to_dict(cfg))]
+    differing = differing_settings(saved, cfg, present)
+    if differing:
+        raise UserError(f"{path} belongs to another experiment ({differing}); use its settings or a new --output_dir")
+
+
+def read_run_checkpoint(directory: str, t: int, cfg: Config, kind: str, is_kind: Callable[[dict], bool],
+                        same_keys: Sequence[str], hint: str) -> dict[str, torch.Tensor]:
+    """The model state saved after task t by the run in `directory`, once its config (flattened, any layout) shows
+    it is `kind` (`hint` says how to make one) and agrees with `cfg` on `same_keys`."""
+    path = checkpoint_path(directory, t)
+    saved = load_checkpoint(path)
+    theirs = flat_settings(saved.get("config", {}))
+    if not is_kind(theirs):
+        raise UserError(f"{path} is not {kind} (method {theirs.get('method')!r}, stage "
+                        f"{theirs.get('part', theirs.get('stage'))!r}); {hint}")
+    differing = differing_settings(saved.get("config", {}), cfg, same_keys)
+    if differing:
+        raise UserError(f"{path} was trained with other settings ({differing}); use that run's settings")
+    return saved["model"]
