@@ -6,7 +6,5 @@
 NPROC=${NPROC:-4}
 SEEDS=${SEEDS:-"42 40 44"}
 source "$(dirname "$0")/hideprompt_lib.sh"
-hide_two_stage five_datasets vit_base_patch16_224.orig_in21k 5datasets_vit 5datasets_vit \
-  "--batch-size 32 --epochs 20 --sched constant --lr 0.001" \
-  "--batch-size 32 --epochs 20 --sched constant --lr 0.03 --clip-grad 2 --reg 0.1 --prompt_momentum 0.01 \
-   --larger_prompt_lr" "$@"
+# the paper's settings of both stages are the five_datasets_hideprompt presets
+hide_two_stage five_datasets vit_base_patch16_224.orig_in21k 5datasets_vit 5datasets_vit "" "" "$@"

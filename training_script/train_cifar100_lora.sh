@@ -10,9 +10,7 @@ NPROC=${NPROC:-8}
 SEEDS=${SEEDS:-42}
 LORA_MODEL=vit_base_patch16_224.augreg_in21k_ft_in1k
 source "$(dirname "$0")/hideprompt_lib.sh"
-one_stage_per_seed cifar100_continual_lora "$LORA_MODEL" cifar100_continual_lora \
-  "--batch-size 24 --epochs 20 --lr 0.01 --lora_type continual --lora_rank 8" "$@"
+# the paper's settings are the cifar100_continual_lora, cifar100_hideprompt (stage 1) and cifar100_hidelora presets
+one_stage_per_seed cifar100_continual_lora "$LORA_MODEL" cifar100_continual_lora "" "$@"
 hide_stages cifar100 hidelora vit_base_patch16_224.orig_in21k "$LORA_MODEL" \
-  cifar100_sup21k_lora_tii_multi_centroid_mlp_2 cifar100_hidelora \
-  "--batch-size 24 --epochs 20 --sched constant --lr 0.0005" \
-  "--batch-size 24 --epochs 20 --lr 0.01 --lora_type hide --lora_rank 8 --original_model_mlp_structure 2" "$@"
+  cifar100_sup21k_lora_tii_multi_centroid_mlp_2 cifar100_hidelora "" "" "$@"

@@ -5,7 +5,5 @@
 NPROC=${NPROC:-8}
 SEEDS=${SEEDS:-42}
 source "$(dirname "$0")/hideprompt_lib.sh"
-hide_two_stage cub vit_base_patch16_224.orig_in21k cub_vit cub_vit \
-  "--batch-size 24 --epochs 20 --lr 0.01 --ca_lr 0.005 --crct_epochs 30" \
-  "--batch-size 24 --epochs 50 --ca_lr 0.005 --crct_epochs 30 --prompt_momentum 0.01 --reg 0.01 --length 20 \
-   --larger_prompt_lr" "$@"
+# the paper's settings of both stages are the cub_hideprompt presets
+hide_two_stage cub vit_base_patch16_224.orig_in21k cub_vit cub_vit "" "" "$@"

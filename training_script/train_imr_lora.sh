@@ -8,9 +8,9 @@
 NPROC=${NPROC:-8}
 SEEDS=${SEEDS:-42}
 LORA_MODEL=vit_base_patch16_224.augreg_in21k_ft_in1k
-LORA_FLAGS="--batch-size 24 --epochs 50 --lr 0.03 --sched cosine --lora_rank 5 --dataset Split-Imagenet-R"
 source "$(dirname "$0")/hideprompt_lib.sh"
-one_stage_per_seed imr_continual_lora "$LORA_MODEL" imr_continual_lora "$LORA_FLAGS --lora_type continual" "$@"
+# the paper's settings are the imr_continual_lora and imr_hidelora presets; its stage 1 trains 50 epochs where
+# HiDe-Prompt's trains 20
+one_stage_per_seed imr_continual_lora "$LORA_MODEL" imr_continual_lora "" "$@"
 hide_stages imr hidelora vit_base_patch16_224.orig_in21k "$LORA_MODEL" imr_vit_lora_tii_multi_centroid_mlp_2 \
-  imr_hidelora "--batch-size 24 --epochs 50 --lr 0.0005" \
-  "$LORA_FLAGS --lora_type hide --reg 0.001 --lora_momentum 0.1" "$@"
+  imr_hidelora "--epochs 50" "" "$@"

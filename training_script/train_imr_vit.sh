@@ -4,7 +4,5 @@
 NPROC=${NPROC:-8}
 SEEDS=${SEEDS:-"42 40 44"}
 source "$(dirname "$0")/hideprompt_lib.sh"
-hide_two_stage imr vit_base_patch16_224.orig_in21k imr_vit imr_vit \
-  "--batch-size 24 --epochs 20 --lr 0.0005 --ca_lr 0.005 --crct_epochs 30" \
-  "--batch-size 24 --epochs 150 --ca_lr 0.005 --crct_epochs 30 --sched cosine --prompt_momentum 0.01 --reg 0.5 \
-   --length 20 --larger_prompt_lr" "$@"
+# the paper's settings of both stages are the imr_hideprompt presets
+hide_two_stage imr vit_base_patch16_224.orig_in21k imr_vit imr_vit "" "" "$@"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # L2P, DualPrompt and S-Prompt++ on one benchmark with the reference's settings: ImageNet-21k ViT-B/16 as prompted
-# and query model, 8 processes x batch 24 (5-datasets: 16, its configs' default), seed 42, and the epochs of the
-# reference README (CIFAR-100: L2P 5, S-Prompt++ 40, DualPrompt 40) or of its per-dataset configs elsewhere
-# (ImageNet-R 50 with lr 0.005, CUB-200 and 5-datasets 5); everything else comes from the subcommand's preset.
+# and query model, 8 processes x batch 24 (5-datasets: 16, its configs' default), seed 42; the epochs and everything
+# else come from the subcommand's preset (CIFAR-100: L2P 5, S-Prompt++ 40, DualPrompt 40, as the reference README;
+# ImageNet-R 50 with lr 0.005, CUB-200 and 5-datasets 5, as its per-dataset configs).
 #   bash training_script/train_prompt_methods.sh {cifar100|imr|cub|five_datasets} [extra main.py flags...]
 #   NPROC=4 DATA_PATH=/data SEEDS="42 40 44" METHODS="l2p dualprompt" bash training_script/train_prompt_methods.sh imr
 set -euo pipefail
@@ -16,13 +16,6 @@ SEEDS=${SEEDS:-42}
 METHODS=${METHODS:-"l2p sprompt dualprompt"}
 MODEL=${MODEL:-vit_base_patch16_224.orig_in21k}
 
-epochs_for() {  # the README's CIFAR-100 epochs; the other datasets keep their preset (the reference's config)
-  case "$DATASET:$1" in
-    cifar100:l2p) echo 5 ;;
-    cifar100:*) echo 40 ;;
-    *) echo "" ;;
-  esac
-}
 
 case "$DATASET" in
   cifar100|imr|cub|five_datasets) ;;
@@ -32,9 +25,8 @@ esac
 
 for seed in $SEEDS; do
   for method in $METHODS; do
-    epochs=$(epochs_for "$method")
     torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${DATASET}_${method}" \
       --model "$MODEL" --original_model "$MODEL" --data-path "$DATA_PATH" --seed "$seed" \
-      ${epochs:+--epochs "$epochs"} --output_dir "./output/${DATASET}_vit_${method}_seed${seed}" "$@"
+      --output_dir "./output/${DATASET}_vit_${method}_seed${seed}" "$@"
   done
 done
