@@ -3,7 +3,7 @@
 ("<id> <1=train|0=test>"), images under `CUB_200_2011/images/`.
 
 The reference wanted a pre-split `CUB_200_2011/{train,test}/<class>/` ImageFolder layout and its preparation code
-could not make one (it opened the .tgz with zipfile and moved folders to wrong paths, spec Q28); reading the official
+could not make one (it opened the .tgz with zipfile and moved folders to wrong paths); reading the official
 split files needs no preparation and gives the official 5,994 / 5,794 split. `CUB_200_2011.tgz` is extracted on
 rank 0 if the folder is absent. There is no download: the archive sits behind a records page, not a stable URL.
 """

@@ -1,10 +1,10 @@
-"""Data of the few-shot LoRA flow (spec §13): the upstream benchmark over the continual classes of one or more
+"""Data of the few-shot LoRA flow: the upstream benchmark over the continual classes of one or more
 datasets, and the episodes drawn from a dataset's held-out classes.
 
 Dataset i's first `continual[i]` labels are learnt upstream, relabelled after the continual classes of the datasets
 before it (Cars 0..159 -> 0..159, CUB 0..159 -> 160..319); its next `few_shot[i]` labels never appear upstream. The
 relabelling is applied to the stored targets (the reference's target_transform was ignored by its ImageFolder-backed
-datasets, so its labels of different datasets collided, Q30).
+datasets, so its labels of different datasets collided).
 """
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 benchmark (member i gets labels 10*i .. 10*i+9).
 
 Two reference bugs are fixed here. The label offsets are applied to the stored targets, not in a target_transform,
-so the per-class and per-task selections that read the targets arrays see the same labels as the model (spec Q15).
+so the per-class and per-task selections that read the targets arrays see the same labels as the model (the
+reference's compared raw labels 0-9 with offset class ids and found no images from the second member on).
 And every member keeps its own transform: CIFAR-10 the CIFAR one, the others the default one, where the reference
-let CIFAR-10's normalisation and colour jitter leak into notMNIST and Fashion-MNIST (Q14).
+let CIFAR-10's normalisation and colour jitter leak into notMNIST and Fashion-MNIST.
 
 Files are read directly rather than through torchvision's dataset classes, whose integrity checks would reject any
 copy that is not byte-identical to the official one; torchvision only does the downloads.
@@ -154,8 +155,8 @@ class Member:
 
 
 def _extract_notmnist_zip(archive: Path, root: Path) -> None:
-    """Extract to a temporary folder and rename `notMNIST/` into place only when complete (spec Q29: the reference
-    extracted only right after downloading, so a zip placed by hand was never used)."""
+    """Extract to a temporary folder and rename `notMNIST/` into place only when complete (the reference extracted only
+    right after downloading, so a zip placed by hand was never used)."""
     tmp = Path(tempfile.mkdtemp(prefix=".notMNIST.extracting-", dir=root))
     try:
         try:

@@ -303,7 +303,7 @@ def test_every_reference_name_resolves_to_its_pinned_weights():
         entry = resolve_backbone(alias)
         assert (entry.name, entry.alias_used, entry.arch) == (name, alias, "vit_base_patch16_224")
         assert parse_args(["cifar100_l2p", "--model", alias]).backbone == name  # one experiment, either spelling
-    # the reference's file names (spec §7.1) and the published ones
+    # the file names the reference reads from ./checkpoints, then the published ones
     files = {b.name: b.files for b in BACKBONES}
     assert files["vit_base_patch16_224.ibot_in22k"] == ("checkpoint.pth",)
     assert files["vit_base_patch16_224.ibot_in1k"] == ("ibot_vitbase16_pretrain.pth", "checkpoint_teacher.pth")

@@ -1,4 +1,4 @@
-"""Few-shot LoRA (spec §13): the upstream data and scenario, the episodes, the interval, the three-part flow on Split
+"""Few-shot LoRA: the upstream data and scenario, the episodes, the interval, the three-part flow on Split
 Digits, ImageNet-R and Cars + CUB fake trees (one process and two), the reference's command lines and script."""
 from __future__ import annotations
 

@@ -168,7 +168,7 @@ def test_the_reference_scripts_launch_stage_one_then_stage_two_on_its_output(tmp
 
 
 def test_five_datasets_gets_statistics_for_every_member(tmp_path):
-    # the reference compares raw member labels with offset class ids here and finds no images from task 2 on (Q15)
+    # the reference compares raw member labels with offset class ids here and finds no images from task 2 on
     from conftest import TINY
     from test_more_benchmarks import write_fake_five_datasets
     data = tmp_path / "five"

@@ -171,7 +171,7 @@ def test_hidelora_reads_a_hideprompt_stage_one_and_equals_the_one_command_run(ru
 
 
 def test_hidelora_refuses_what_the_reference_silently_loaded(runs, tmp_path, capsys):
-    # the reference's README points HiDe-LoRA at a continual-LoRA run and loads it with strict=False (Q18)
+    # the reference's README points HiDe-LoRA at a continual-LoRA run; its strict=False load drops the LoRA weights
     err = _fails(capsys, "digits_hidelora", "--trained_original_model", str(runs / "continual"), "--output_dir",
                  str(tmp_path / "a"), *HIDE_FAST)
     assert "not a HiDe-Prompt stage-1 checkpoint" in err

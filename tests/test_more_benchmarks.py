@@ -319,7 +319,7 @@ def test_five_datasets_offsets_transforms_and_sizes(tmp_path):
     assert "ColorJitter" in repr(bench.train.datasets[2].transform)
     assert bench.test[cifar_index][1] == 29
 
-    # per-task selection works on the offset targets (the reference's bug Q15)
+    # per-task selection works on the offset targets (the reference's compared raw labels with offset class ids)
     scenario = build_scenario(50, 5, False, 0, "5-datasets", benchmark=bench, loader=LoaderSettings(batch_size=4))
     for task in range(5):
         seen = [int(y) for _, ys in scenario.test_loader(task) for y in ys]
