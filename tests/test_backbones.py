@@ -338,6 +338,7 @@ def test_list_backbones_shows_names_sources_files_and_presence(capsys):
 
 
 # --- through the run -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_run_loads_the_file_given_and_prints_what_the_name_resolved_to(tmp_path, capsys, source):
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     out = tmp_path / "out"

@@ -146,6 +146,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_continual_lora_trains_one_shared_lora(runs):
     results = read_json(runs / "continual" / "results.json")
     assert results["completed_tasks"] == 2 and results["final"]["test_images"] == 540
@@ -156,6 +157,7 @@ def test_continual_lora_trains_one_shared_lora(runs):
     assert not torch.equal(first["lora.b"], saved["lora.b"])  # the one LoRA keeps training on task 2
 
 
+@pytest.mark.slow
 def test_hidelora_reads_a_hideprompt_stage_one_and_equals_the_one_command_run(runs):
     tii, wtp, both = (read_json(runs / name / "results.json") for name in ("tii", "wtp", "both"))
     assert wtp["config"]["stage"] == "wtp" and both["config"]["stage"] == "both"
@@ -170,6 +172,7 @@ def test_hidelora_reads_a_hideprompt_stage_one_and_equals_the_one_command_run(ru
     assert not torch.equal(saved["lora.b"][1], saved["lora.b"][0]) and saved["lora.b"][2:].abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_hidelora_refuses_what_the_reference_silently_loaded(runs, tmp_path, capsys):
     # the reference's README points HiDe-LoRA at a continual-LoRA run; its strict=False load drops the LoRA weights
     err = _fails(capsys, "digits_hidelora", "--trained_original_model", str(runs / "continual"), "--output_dir",
@@ -202,6 +205,8 @@ def test_lora_momentum_mixes_the_earlier_slots_after_training():
     assert torch.equal(method.lora.a[0], slots[0])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("subcommand, extra", [
     ("digits_continual_lora", []), ("digits_hidelora", ["--crct_epochs", "2", "--tii_epochs", "1"])])
 def test_two_gloo_processes(tmp_path, subcommand, extra):
