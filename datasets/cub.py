@@ -43,7 +43,7 @@ def _read_index(path: Path) -> dict[int, str]:
     entries: dict[int, str] = {}
     number = 0
     try:
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):  # noqa: B007 (the error names it)
             if not line.strip():
                 continue
             key, value = line.strip().split(maxsplit=1)
@@ -58,7 +58,7 @@ def _read_split(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray, int]:
     """Relative image paths (under images/), 0-based labels, is-train flags and the number of classes, by id."""
     images, labels, is_train = (_read_index(folder / name) for name in INDEX_FILES)
     ids = sorted(images)
-    for name, entries in zip(INDEX_FILES[1:], (labels, is_train)):
+    for name, entries in zip(INDEX_FILES[1:], (labels, is_train), strict=True):
         if sorted(entries) != ids:
             raise UserError(f"CUB-200 file {folder / name} lists {len(entries)} image ids but {folder / INDEX_FILES[0]}"
                             f" lists {len(ids)} (or different ones); the files do not belong together, re-extract "

@@ -45,7 +45,7 @@ def upstream_benchmark(members: list[Benchmark], continual: list[int]) -> Benchm
     splits: dict[str, list[Dataset]] = {"train": [], "train_eval": [], "test": []}
     targets: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     offset = 0
-    for member, classes in zip(members, continual):
+    for member, classes in zip(members, continual, strict=True):
         for split, member_targets in (("train", member.train_targets), ("test", member.test_targets)):
             keep = np.flatnonzero(member_targets < classes)
             labels = member_targets[keep] + offset
@@ -66,7 +66,7 @@ def build_upstream_scenario(continual: list[int], tasks: list[int], shuffle: boo
     within each dataset); `task_datasets[t]` is the dataset of task t."""
     order, task_classes, task_datasets = [], [], []
     offset = 0
-    for i, (classes, num_tasks, name) in enumerate(zip(continual, tasks, names)):
+    for i, (classes, num_tasks, name) in enumerate(zip(continual, tasks, names, strict=True)):
         member_order = [offset + c for c in make_class_order(classes, shuffle, seed)]
         member_tasks = split_into_tasks(member_order, num_tasks, f"{name} (its {classes} continual classes)")
         order += member_order

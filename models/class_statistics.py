@@ -4,7 +4,7 @@ regularisation against the stored class centroids. Shared by every HiDe method (
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -105,7 +105,7 @@ def task_adaptive_prediction(params: list[nn.Parameter], classify: Callable[[tor
     generator = torch.Generator().manual_seed(seed)
     blocked = ~seen_mask
     mean_loss = float("nan")
-    for epoch in range(epochs):
+    for _ in range(epochs):
         features, targets = stats.sample(seen_classes, per_component, iterations * per_component, generator)
         if features.shape[0] == 0:
             warn("task-adaptive prediction skipped: no class statistics with any spread to sample from (every "

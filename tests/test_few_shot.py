@@ -15,9 +15,9 @@ from conftest import TINY, read_json, run_cli, run_main, script_commands
 from datasets.base import Benchmark, TransformedDataset
 from datasets.cub import load_cub200
 from datasets.few_shot import EpisodeSampler, build_upstream_scenario, check_class_split, upstream_benchmark
+from models.vit import create_backbone
 from test_hideprompt import _fails
 from test_more_benchmarks import write_fake_cars, write_fake_cub, write_fake_imagenet_r
-from models.vit import create_backbone
 from utils import UserError, seed_everything
 
 DIGITS_FS = ["--num_episodes", "4", "--epochs", "1", "--num_fs_epochs", "5"]

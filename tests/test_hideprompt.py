@@ -34,7 +34,7 @@ def test_the_two_launch_flow_equals_the_one_command_flow(runs):
     tii, wtp, both = (read_json(runs / name / "results.json") for name in ("tii", "wtp", "both"))
     assert tii["config"]["stage"] == "tii" and wtp["config"]["stage"] == "wtp" and both["config"]["stage"] == "both"
     assert both["acc_matrix"] == wtp["acc_matrix"]
-    for mine, theirs in zip(both["tasks"], wtp["tasks"]):
+    for mine, theirs in zip(both["tasks"], wtp["tasks"], strict=True):
         assert mine["tii_acc"] == theirs["tii_acc"]
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6)  # float summation order
     # the one-command run reports stage 1 as its first phase, equal to the stage-1 run's own results
@@ -161,7 +161,7 @@ def test_the_reference_scripts_launch_stage_one_then_stage_two_on_its_output(tmp
     configs = [parse_args(argv) for argv in commands]
     stage1, stage2 = configs[:seeds], configs[seeds:]
     assert all(c.stage == "tii" and c.subcommand == f"{dataset}_hideprompt" for c in stage1)
-    for first, second in zip(stage1, stage2):
+    for first, second in zip(stage1, stage2, strict=True):
         assert second.stage == "wtp" and second.trained_original_model == first.output_dir
         assert first.seed == second.seed and first.output_dir.endswith(f"_multi_centroid_mlp_2_seed{first.seed}")
         assert second.output_dir.endswith(f"_pe_seed{first.seed}") and second.larger_prompt_lr

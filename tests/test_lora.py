@@ -10,9 +10,9 @@ import torch
 
 from config import parse_args
 from conftest import read_json, run_cli, run_main, script_commands
-from test_hideprompt import _fails
 from models.lora import LoraPool
 from models.vit import block_forward, forward_prompted
+from test_hideprompt import _fails
 from utils import UserError
 
 FAST = ["--num_tasks", "2", "--device", "cpu", "--epochs", "1"]

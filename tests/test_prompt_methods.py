@@ -204,7 +204,7 @@ def test_every_flag_of_the_reference_prompt_configs_parses_and_the_unread_ones_w
     expected = ["aa", "color_jitter", "embedding_key", "freeze", "global_pool", "head_type", "initializer",
                 "predefined_key", "prompt_key_init", "prompt_pool", "recount", "remode", "reprob", "same_key_value",
                 "separated_head", "smoothing", "train_interpolation", "world_size"]
-    assert len(warnings) == len(expected) and all(f"--{flag} " in w for flag, w in zip(expected, warnings))
+    assert len(warnings) == len(expected) and all(f"--{flag} " in w for flag, w in zip(expected, warnings, strict=True))
     assert read_json(out / "results.json")["completed_tasks"] == 5
 
 
