@@ -173,56 +173,65 @@ def _extract_notmnist_zip(archive: Path, root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _mnist_folder(root: Path, name: str) -> Path:
+    # `MNIST_RGB/raw` is where the reference's MNIST subclass put the same files; accept it as a fallback
+    for folder in (root / name / "raw", root / f"{name}_RGB" / "raw"):
+        if _idx_complete(folder):
+            return folder
+    return root / name / "raw"
+
+
+def _idx_complete(folder: Path) -> bool:
+    return all(_idx_path(folder, f) for pair in IDX_FILES.values() for f in pair)
+
+
+def _idx_present(root: Path, name: str) -> bool:
+    return _idx_complete(_mnist_folder(root, name))
+
+
+def _tv_download(root: Path, cls_name: str) -> Callable[[], None]:
+    """torchvision's download of both splits of one member."""
+    def download() -> None:
+        import torchvision.datasets as tvd
+        for train in (True, False):
+            if cls_name == "SVHN":
+                tvd.SVHN(str(root), split="train" if train else "test", download=True)
+            else:
+                getattr(tvd, cls_name)(str(root), train=train, download=True)
+    return download
+
+
+def _notmnist_download(root: Path) -> None:
+    archive = root / "notMNIST.zip"
+    if not archive.is_file():
+        from torchvision.datasets.utils import download_url
+        download_url(NOTMNIST_URL, str(root), filename="notMNIST.zip")
+    _extract_notmnist_zip(archive, root)
+
+
 def _members(root: Path) -> list[Member]:
-    def mnist_folder(name: str) -> Path:
-        # `MNIST_RGB/raw` is where the reference's MNIST subclass put the same files; accept it as a fallback
-        for folder in (root / name / "raw", root / f"{name}_RGB" / "raw"):
-            if all(_idx_path(folder, f) for pair in IDX_FILES.values() for f in pair):
-                return folder
-        return root / name / "raw"
-
-    def idx_present(name: str) -> bool:
-        folder = mnist_folder(name)
-        return all(_idx_path(folder, f) for pair in IDX_FILES.values() for f in pair)
-
-    def tv_download(cls_name: str, **kwargs) -> Callable[[], None]:
-        def download() -> None:
-            import torchvision.datasets as tvd
-            for train in (True, False):
-                if cls_name == "SVHN":
-                    tvd.SVHN(str(root), split="train" if train else "test", download=True)
-                else:
-                    getattr(tvd, cls_name)(str(root), train=train, download=True, **kwargs)
-        return download
-
-    def notmnist_download() -> None:
-        archive = root / "notMNIST.zip"
-        if not archive.is_file():
-            from torchvision.datasets.utils import download_url
-            download_url(NOTMNIST_URL, str(root), filename="notMNIST.zip")
-        _extract_notmnist_zip(archive, root)
-
     cifar_folder = root / "cifar-10-batches-py"
     notmnist_folder = root / "notMNIST"
     idx_names = " and ".join(f"{a}, {b}" for a, b in IDX_FILES.values())
     return [
         Member("SVHN", f"{root}/train_32x32.mat and {root}/test_32x32.mat", SVHN_URL,
                lambda: all((root / f"{s}_32x32.mat").is_file() for s in ("train", "test")),
-               tv_download("SVHN"), _read_svhn(root), default_transforms),
+               _tv_download(root, "SVHN"), _read_svhn(root), default_transforms),
         Member("MNIST", f"{root / 'MNIST' / 'raw'}/ with {idx_names} (.gz or not)", MNIST_URL,
-               lambda: idx_present("MNIST"), tv_download("MNIST"), _mnist_like(mnist_folder("MNIST"), MNIST_URL),
+               lambda: _idx_present(root, "MNIST"), _tv_download(root, "MNIST"),
+               _mnist_like(_mnist_folder(root, "MNIST"), MNIST_URL),
                default_transforms),
         Member("CIFAR-10", f"{cifar_folder}/ with data_batch_1..5 and test_batch", CIFAR10_URL,
                lambda: all((cifar_folder / n).is_file() for n in [f"data_batch_{i}" for i in range(1, 6)]
                            + ["test_batch"]),
-               tv_download("CIFAR10"), _read_cifar10(cifar_folder), cifar_transforms),
+               _tv_download(root, "CIFAR10"), _read_cifar10(cifar_folder), cifar_transforms),
         Member("notMNIST", f"{notmnist_folder}/Train/<A..J>/*.png and {notmnist_folder}/Test/<A..J>/*.png "
                            f"(or {root}/notMNIST.zip)", NOTMNIST_URL,
                lambda: (notmnist_folder / "Train").is_dir() and (notmnist_folder / "Test").is_dir(),
-               notmnist_download, _read_notmnist(notmnist_folder), default_transforms),
+               lambda: _notmnist_download(root), _read_notmnist(notmnist_folder), default_transforms),
         Member("Fashion-MNIST", f"{root / 'FashionMNIST' / 'raw'}/ with {idx_names} (.gz or not)", FASHION_URL,
-               lambda: idx_present("FashionMNIST"), tv_download("FashionMNIST"),
-               _mnist_like(mnist_folder("FashionMNIST"), FASHION_URL), default_transforms),
+               lambda: _idx_present(root, "FashionMNIST"), _tv_download(root, "FashionMNIST"),
+               _mnist_like(_mnist_folder(root, "FashionMNIST"), FASHION_URL), default_transforms),
     ]
 
 
