@@ -18,7 +18,8 @@ def load_row(output_dir: str) -> list[str]:
     try:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(f"error: cannot read {path} ({type(err).__name__}); is {output_dir} a run's --output_dir?")
+        raise SystemExit(f"error: cannot read {path} ({type(err).__name__}); "
+                         f"is {output_dir} a run's --output_dir?") from err
     final = results["final"] or {}
 
     def fmt(key: str) -> str:
@@ -37,7 +38,7 @@ def load_row(output_dir: str) -> list[str]:
 def format_table(rows: list[list[str]]) -> str:
     header = ["run", "tasks", "A_last", "avg inc.", "forgetting", "forg. (std)", "BWT", "task id."]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
              for r in [header, *rows]]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 

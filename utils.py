@@ -10,10 +10,11 @@ import random
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -130,7 +131,7 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
+    return torch.cat([part[: int(size)] for part, size in zip(parts, sizes, strict=True)])
 
 
 def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:

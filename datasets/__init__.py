@@ -1,7 +1,7 @@
 """Benchmarks by their `--dataset` name, and the continual scenario built on top of them."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from utils import UserError
 

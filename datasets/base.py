@@ -1,9 +1,9 @@
 """What every benchmark loader returns: the two splits as in-memory or on-disk samples plus their labels."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

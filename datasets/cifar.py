@@ -5,6 +5,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+
 from utils import UserError, run_on_main_first
 
 from .base import ArrayImages, Benchmark, TransformedDataset

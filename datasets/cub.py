@@ -3,7 +3,7 @@
 ("<id> <1=train|0=test>"), images under `CUB_200_2011/images/`.
 
 The reference wanted a pre-split `CUB_200_2011/{train,test}/<class>/` ImageFolder layout and its preparation code
-could not make one (it opened the .tgz with zipfile and moved folders to wrong paths, spec Q28); reading the official
+could not make one (it opened the .tgz with zipfile and moved folders to wrong paths); reading the official
 split files needs no preparation and gives the official 5,994 / 5,794 split. `CUB_200_2011.tgz` is extracted on
 rank 0 if the folder is absent. There is no download: the archive sits behind a records page, not a stable URL.
 """
@@ -43,7 +43,7 @@ def _read_index(path: Path) -> dict[int, str]:
     entries: dict[int, str] = {}
     number = 0
     try:
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):  # noqa: B007 (the error names it)
             if not line.strip():
                 continue
             key, value = line.strip().split(maxsplit=1)
@@ -58,7 +58,7 @@ def _read_split(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray, int]:
     """Relative image paths (under images/), 0-based labels, is-train flags and the number of classes, by id."""
     images, labels, is_train = (_read_index(folder / name) for name in INDEX_FILES)
     ids = sorted(images)
-    for name, entries in zip(INDEX_FILES[1:], (labels, is_train)):
+    for name, entries in zip(INDEX_FILES[1:], (labels, is_train), strict=True):
         if sorted(entries) != ids:
             raise UserError(f"CUB-200 file {folder / name} lists {len(entries)} image ids but {folder / INDEX_FILES[0]}"
                             f" lists {len(ids)} (or different ones); the files do not belong together, re-extract "

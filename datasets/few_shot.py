@@ -1,10 +1,10 @@
-"""Data of the few-shot LoRA flow (spec §13): the upstream benchmark over the continual classes of one or more
+"""Data of the few-shot LoRA flow: the upstream benchmark over the continual classes of one or more
 datasets, and the episodes drawn from a dataset's held-out classes.
 
 Dataset i's first `continual[i]` labels are learnt upstream, relabelled after the continual classes of the datasets
 before it (Cars 0..159 -> 0..159, CUB 0..159 -> 160..319); its next `few_shot[i]` labels never appear upstream. The
 relabelling is applied to the stored targets (the reference's target_transform was ignored by its ImageFolder-backed
-datasets, so its labels of different datasets collided, Q30).
+datasets, so its labels of different datasets collided).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def upstream_benchmark(members: list[Benchmark], continual: list[int]) -> Benchm
     splits: dict[str, list[Dataset]] = {"train": [], "train_eval": [], "test": []}
     targets: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     offset = 0
-    for member, classes in zip(members, continual):
+    for member, classes in zip(members, continual, strict=True):
         for split, member_targets in (("train", member.train_targets), ("test", member.test_targets)):
             keep = np.flatnonzero(member_targets < classes)
             labels = member_targets[keep] + offset
@@ -66,7 +66,7 @@ def build_upstream_scenario(continual: list[int], tasks: list[int], shuffle: boo
     within each dataset); `task_datasets[t]` is the dataset of task t."""
     order, task_classes, task_datasets = [], [], []
     offset = 0
-    for i, (classes, num_tasks, name) in enumerate(zip(continual, tasks, names)):
+    for i, (classes, num_tasks, name) in enumerate(zip(continual, tasks, names, strict=True)):
         member_order = [offset + c for c in make_class_order(classes, shuffle, seed)]
         member_tasks = split_into_tasks(member_order, num_tasks, f"{name} (its {classes} continual classes)")
         order += member_order

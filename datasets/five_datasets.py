@@ -2,9 +2,10 @@
 benchmark (member i gets labels 10*i .. 10*i+9).
 
 Two reference bugs are fixed here. The label offsets are applied to the stored targets, not in a target_transform,
-so the per-class and per-task selections that read the targets arrays see the same labels as the model (spec Q15).
+so the per-class and per-task selections that read the targets arrays see the same labels as the model (the
+reference's compared raw labels 0-9 with offset class ids and found no images from the second member on).
 And every member keeps its own transform: CIFAR-10 the CIFAR one, the others the default one, where the reference
-let CIFAR-10's normalisation and colour jitter leak into notMNIST and Fashion-MNIST (Q14).
+let CIFAR-10's normalisation and colour jitter leak into notMNIST and Fashion-MNIST.
 
 Files are read directly rather than through torchvision's dataset classes, whose integrity checks would reject any
 copy that is not byte-identical to the official one; torchvision only does the downloads.
@@ -23,9 +24,9 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -154,8 +155,8 @@ class Member:
 
 
 def _extract_notmnist_zip(archive: Path, root: Path) -> None:
-    """Extract to a temporary folder and rename `notMNIST/` into place only when complete (spec Q29: the reference
-    extracted only right after downloading, so a zip placed by hand was never used)."""
+    """Extract to a temporary folder and rename `notMNIST/` into place only when complete (the reference extracted only
+    right after downloading, so a zip placed by hand was never used)."""
     tmp = Path(tempfile.mkdtemp(prefix=".notMNIST.extracting-", dir=root))
     try:
         try:
@@ -172,56 +173,65 @@ def _extract_notmnist_zip(archive: Path, root: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _mnist_folder(root: Path, name: str) -> Path:
+    # `MNIST_RGB/raw` is where the reference's MNIST subclass put the same files; accept it as a fallback
+    for folder in (root / name / "raw", root / f"{name}_RGB" / "raw"):
+        if _idx_complete(folder):
+            return folder
+    return root / name / "raw"
+
+
+def _idx_complete(folder: Path) -> bool:
+    return all(_idx_path(folder, f) for pair in IDX_FILES.values() for f in pair)
+
+
+def _idx_present(root: Path, name: str) -> bool:
+    return _idx_complete(_mnist_folder(root, name))
+
+
+def _tv_download(root: Path, cls_name: str) -> Callable[[], None]:
+    """torchvision's download of both splits of one member."""
+    def download() -> None:
+        import torchvision.datasets as tvd
+        for train in (True, False):
+            if cls_name == "SVHN":
+                tvd.SVHN(str(root), split="train" if train else "test", download=True)
+            else:
+                getattr(tvd, cls_name)(str(root), train=train, download=True)
+    return download
+
+
+def _notmnist_download(root: Path) -> None:
+    archive = root / "notMNIST.zip"
+    if not archive.is_file():
+        from torchvision.datasets.utils import download_url
+        download_url(NOTMNIST_URL, str(root), filename="notMNIST.zip")
+    _extract_notmnist_zip(archive, root)
+
+
 def _members(root: Path) -> list[Member]:
-    def mnist_folder(name: str) -> Path:
-        # `MNIST_RGB/raw` is where the reference's MNIST subclass put the same files; accept it as a fallback
-        for folder in (root / name / "raw", root / f"{name}_RGB" / "raw"):
-            if all(_idx_path(folder, f) for pair in IDX_FILES.values() for f in pair):
-                return folder
-        return root / name / "raw"
-
-    def idx_present(name: str) -> bool:
-        folder = mnist_folder(name)
-        return all(_idx_path(folder, f) for pair in IDX_FILES.values() for f in pair)
-
-    def tv_download(cls_name: str, **kwargs) -> Callable[[], None]:
-        def download() -> None:
-            import torchvision.datasets as tvd
-            for train in (True, False):
-                if cls_name == "SVHN":
-                    tvd.SVHN(str(root), split="train" if train else "test", download=True)
-                else:
-                    getattr(tvd, cls_name)(str(root), train=train, download=True, **kwargs)
-        return download
-
-    def notmnist_download() -> None:
-        archive = root / "notMNIST.zip"
-        if not archive.is_file():
-            from torchvision.datasets.utils import download_url
-            download_url(NOTMNIST_URL, str(root), filename="notMNIST.zip")
-        _extract_notmnist_zip(archive, root)
-
     cifar_folder = root / "cifar-10-batches-py"
     notmnist_folder = root / "notMNIST"
     idx_names = " and ".join(f"{a}, {b}" for a, b in IDX_FILES.values())
     return [
         Member("SVHN", f"{root}/train_32x32.mat and {root}/test_32x32.mat", SVHN_URL,
                lambda: all((root / f"{s}_32x32.mat").is_file() for s in ("train", "test")),
-               tv_download("SVHN"), _read_svhn(root), default_transforms),
+               _tv_download(root, "SVHN"), _read_svhn(root), default_transforms),
         Member("MNIST", f"{root / 'MNIST' / 'raw'}/ with {idx_names} (.gz or not)", MNIST_URL,
-               lambda: idx_present("MNIST"), tv_download("MNIST"), _mnist_like(mnist_folder("MNIST"), MNIST_URL),
+               lambda: _idx_present(root, "MNIST"), _tv_download(root, "MNIST"),
+               _mnist_like(_mnist_folder(root, "MNIST"), MNIST_URL),
                default_transforms),
         Member("CIFAR-10", f"{cifar_folder}/ with data_batch_1..5 and test_batch", CIFAR10_URL,
                lambda: all((cifar_folder / n).is_file() for n in [f"data_batch_{i}" for i in range(1, 6)]
                            + ["test_batch"]),
-               tv_download("CIFAR10"), _read_cifar10(cifar_folder), cifar_transforms),
+               _tv_download(root, "CIFAR10"), _read_cifar10(cifar_folder), cifar_transforms),
         Member("notMNIST", f"{notmnist_folder}/Train/<A..J>/*.png and {notmnist_folder}/Test/<A..J>/*.png "
                            f"(or {root}/notMNIST.zip)", NOTMNIST_URL,
                lambda: (notmnist_folder / "Train").is_dir() and (notmnist_folder / "Test").is_dir(),
-               notmnist_download, _read_notmnist(notmnist_folder), default_transforms),
+               lambda: _notmnist_download(root), _read_notmnist(notmnist_folder), default_transforms),
         Member("Fashion-MNIST", f"{root / 'FashionMNIST' / 'raw'}/ with {idx_names} (.gz or not)", FASHION_URL,
-               lambda: idx_present("FashionMNIST"), tv_download("FashionMNIST"),
-               _mnist_like(mnist_folder("FashionMNIST"), FASHION_URL), default_transforms),
+               lambda: _idx_present(root, "FashionMNIST"), _tv_download(root, "FashionMNIST"),
+               _mnist_like(_mnist_folder(root, "FashionMNIST"), FASHION_URL), default_transforms),
     ]
 
 

@@ -2,7 +2,7 @@
 `<data-path>/imagenet-r/<wnid>/*.jpg`, the layout of the official `imagenet-r.tar`.
 
 The official data has no train/test split. The reference drew one from the global torch RNG (so it depended on
---seed) and then MOVED the user's files into `train/` and `test/` folders, racing under DDP (spec Q16). Here the
+--seed) and then MOVED the user's files into `train/` and `test/` folders, racing under DDP. Here the
 80/20 split is stratified per class with a fixed seed, computed once on rank 0 and kept as a JSON file of relative
 paths next to the images; the images themselves are never moved or deleted.
 """

@@ -5,8 +5,8 @@ Labels keep their dataset ids; a task is a set of label ids, so a shuffled class
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch

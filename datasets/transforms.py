@@ -1,4 +1,4 @@
-"""The reference's image transforms (spec §6.2), parametrised by the input size.
+"""The reference's image transforms, parametrised by the input size.
 
 Test images are resized to input/0.875 (256 for 224) and centre-cropped, exactly as the reference does at 224.
 """

@@ -20,9 +20,10 @@ import math
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -208,7 +209,7 @@ class Backbone:
 
     `hub`: timm's hub has these weights under `name` (a file in checkpoints/ still takes precedence, for offline
     use). `files`: the names accepted in checkpoints/ (the reference's first, then the published one).
-    `fresh_fc_norm`: the reference's MoCo v3 head (spec Q11): the final norm is dropped and a fresh, trainable
+    `fresh_fc_norm`: the reference's MoCo v3 head: the checkpoint's final norm is dropped and a fresh, trainable
     LayerNorm (`fc_norm`) is applied to the pooled [CLS] token instead.
     """
 

@@ -1,10 +1,10 @@
-"""Class statistics of a feature space and what HiDe builds on them (spec §2.3, §4): the Gaussian statistics per
+"""Class statistics of a feature space and what HiDe builds on them: the Gaussian statistics per
 class, task-adaptive prediction (classifier alignment on pseudo-features sampled from them) and the contrastive
 regularisation against the stored class centroids. Shared by every HiDe method (prompts, LoRA).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -97,7 +97,7 @@ def task_adaptive_prediction(params: list[nn.Parameter], classify: Callable[[tor
                              stats: ClassStatistics, seen_classes: list[int], seen_mask: torch.Tensor,
                              iterations: int, per_component: int, epochs: int, lr: float, weight_decay: float,
                              seed: int) -> float:
-    """Classifier alignment (spec §4.2): SGD (momentum 0.9) with a cosine schedule over `epochs`; each epoch runs
+    """Classifier alignment: SGD (momentum 0.9) with a cosine schedule over `epochs`; each epoch runs
     `iterations` steps of `per_component` pseudo-features, with the logits masked to the seen classes. Every rank
     runs the same seeded steps, then takes rank 0's values. Returns the last epoch's mean loss."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -105,7 +105,7 @@ def task_adaptive_prediction(params: list[nn.Parameter], classify: Callable[[tor
     generator = torch.Generator().manual_seed(seed)
     blocked = ~seen_mask
     mean_loss = float("nan")
-    for epoch in range(epochs):
+    for _ in range(epochs):
         features, targets = stats.sample(seen_classes, per_component, iterations * per_component, generator)
         if features.shape[0] == 0:
             warn("task-adaptive prediction skipped: no class statistics with any spread to sample from (every "
@@ -131,7 +131,7 @@ def task_adaptive_prediction(params: list[nn.Parameter], classify: Callable[[tor
 
 
 class ContrastiveRegularizer:
-    """The reference's `orth_loss` (spec §2.3): with M = [prototypes; batch features] and S = M M^T / 0.8,
+    """The reference's `orth_loss`: with M = [prototypes; batch features] and S = M M^T / 0.8,
     mean over the rows of M of (-S_ii + logsumexp_j S_ij), in float64, unnormalised features.
 
     The prototypes are constant within a task, so their block of S and its row-wise logsumexp are computed once

@@ -1,4 +1,4 @@
-"""HiDe's "original model" (spec §1.2): the frozen ViT's uninstructed [CLS] feature -> residual MLP mapping ->
+"""HiDe's "original model": the frozen ViT's uninstructed [CLS] feature -> residual MLP mapping ->
 linear head over all classes. Stage 1 trains the mapping and the head to infer task identity; stage 2 uses them,
 frozen, to pick each test image's prompt."""
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Prompt pools (L2P / DualPrompt / S-Prompt++ E-prompts): learnable slots, optional learnable keys, key-query
 selection, and the per-layer prompts handed to `models.vit.forward_prompted`.
 
-Shapes follow the reference (spec §1.3): prefix pools are (layers, 2, pool, length, heads, head_dim) with index 0/1
+Shapes follow the reference: prefix pools are (layers, 2, pool, length, heads, head_dim) with index 0/1
 of dim 1 = keys/values; prompt-tuning pools are (layers, pool, length, dim).
 """
 from __future__ import annotations
@@ -98,9 +98,9 @@ class PromptPool(nn.Module):
         """The chosen slots per sample, top_k slots joined along the token axis.
 
         Prefix: (layers, B, 2, top_k*length, heads, head_dim). Prompt tuning: (layers, B, top_k*length, dim).
-        `legacy_reshape` reproduces the reference's reshape without permute (spec Q1), which mixes key/value halves
-        and samples; only for matching its published numbers. `pool` replaces the stored slots (e.g. a slot mixed
-        with the earlier ones by prompt momentum).
+        `legacy_reshape` reproduces the reference's reshape of (2, B, ...) to (B, 2, ...) without a permute, which
+        mixes key/value halves and samples; only for matching its published numbers. `pool` replaces the stored
+        slots (e.g. a slot mixed with the earlier ones by prompt momentum).
         """
         batch = idx.shape[0]
         pool = self.prompt if pool is None else pool

@@ -18,8 +18,7 @@ from config.cli import parse_args
 from conftest import REPO, TINY, read_json, run_main, script_commands
 from datasets import build_scenario
 from models import create_method
-from models.backbones import (ALIASES, BACKBONES, CHECKPOINTS_DIR, build_backbone, load_weights_file,
-                              resolve_backbone)
+from models.backbones import ALIASES, BACKBONES, CHECKPOINTS_DIR, build_backbone, load_weights_file, resolve_backbone
 from models.vit import pretrained_features
 from utils import UserError
 
@@ -112,7 +111,7 @@ def google_npz(model: torch.nn.Module, path: Path) -> None:
         prefix = f"Transformer/encoderblock_{i}/"
         mha = prefix + "MultiHeadDotProductAttention_1/"
         for name, weight, bias in zip(("query", "key", "value"), block.attn.qkv.weight.chunk(3),
-                                      block.attn.qkv.bias.chunk(3)):
+                                      block.attn.qkv.bias.chunk(3), strict=True):
             arrays[f"{mha}{name}/kernel"] = weight.T.reshape(dim, heads, -1)
             arrays[f"{mha}{name}/bias"] = bias.reshape(heads, -1)
         arrays[f"{mha}out/kernel"] = block.attn.proj.weight.reshape(dim, heads, -1).permute(1, 2, 0)
@@ -298,12 +297,13 @@ def test_every_reference_name_resolves_to_its_pinned_weights():
                 "vit_base_patch16_224_ibot": "vit_base_patch16_224.ibot_in1k",
                 "vit_base_patch16_224_dino": "vit_base_patch16_224.dino",
                 "vit_base_patch16_224_mocov3": "vit_base_patch16_224.mocov3_in1k"}
-    assert ALIASES == expected
+    assert expected == ALIASES
     for alias, name in expected.items():
         entry = resolve_backbone(alias)
         assert (entry.name, entry.alias_used, entry.arch) == (name, alias, "vit_base_patch16_224")
-        assert parse_args(["cifar100_l2p", "--model", alias]).context.backbone == name  # one experiment, either spelling
-    # the reference's file names (spec §7.1) and the published ones
+        # one experiment, either spelling
+        assert parse_args(["cifar100_l2p", "--model", alias]).context.backbone == name
+    # the file names the reference reads from ./checkpoints, then the published ones
     files = {b.name: b.files for b in BACKBONES}
     assert files["vit_base_patch16_224.ibot_in22k"] == ("checkpoint.pth",)
     assert files["vit_base_patch16_224.ibot_in1k"] == ("ibot_vitbase16_pretrain.pth", "checkpoint_teacher.pth")
@@ -338,6 +338,7 @@ def test_list_backbones_shows_names_sources_files_and_presence(capsys):
 
 
 # --- through the run -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_run_loads_the_file_given_and_prints_what_the_name_resolved_to(tmp_path, capsys, source):
     save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
     out = tmp_path / "out"
@@ -405,7 +406,7 @@ def test_backbone_scripts_launch_both_stages_with_the_reference_settings(tmp_pat
         configs = [parse_args(argv) for argv in commands]
         assert [c.stage for c in configs] == ["tii", "tii", "wtp", "wtp"], script
         name = f"{dataset.replace('five_datasets', '5datasets')}_{backbone}"
-        for first, second, seed in zip(configs[:2], configs[2:], (7, 8)):
+        for first, second, seed in zip(configs[:2], configs[2:], (7, 8), strict=True):
             assert first.seed == second.seed == seed and first.num_workers == second.num_workers == 2
             assert first.output_dir == f"./output/{name}_multi_centroid_mlp_2_seed{seed}"
             assert second.trained_original_model == first.output_dir

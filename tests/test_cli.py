@@ -2,10 +2,10 @@ import argparse
 import json
 
 import pytest
-from conftest import TINY, run_main
 
 from config.cli import parse_args, str2bool, subcommands
 from config.presets import preset_values
+from conftest import TINY, run_main
 from utils import UserError
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_json, run_main
 
 from config.cli import field_index, parse_args
 from config.resolved import config_to_dict, flat_settings
+from conftest import REPO, read_json, run_main
 from run_files import checkpoint_path
 
 

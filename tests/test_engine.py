@@ -13,6 +13,7 @@ def _checkpoint(out: Path, task: int) -> dict:
     return torch.load(out / "checkpoint" / f"task{task}_checkpoint.pth", weights_only=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["finetune", "fix", "joint", "linear", "ncm"])  # prompt methods: own file
 def test_every_baseline_runs_on_split_digits(tmp_path, method):
     out = tmp_path / method
@@ -32,6 +33,7 @@ def test_every_baseline_runs_on_split_digits(tmp_path, method):
     assert not list(out.rglob("*.tmp"))  # atomic writes leave no temporaries
 
 
+@pytest.mark.slow
 def test_methods_save_and_train_only_what_they_should(tmp_path):
     runs = {}
     for method in ("linear", "fix", "ncm"):
@@ -54,6 +56,7 @@ def test_methods_save_and_train_only_what_they_should(tmp_path):
     assert ncm2["class_counts"][5:].sum() > 0
 
 
+@pytest.mark.slow
 def test_fix_backbone_really_changed_on_the_first_task(tmp_path):
     from models.vit import create_backbone
     out = tmp_path / "fix"
@@ -64,6 +67,7 @@ def test_fix_backbone_really_changed_on_the_first_task(tmp_path):
     assert not torch.equal(init["blocks.0.attn.qkv.weight"], trained["backbone.blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, capsys):
     full, split = tmp_path / "full", tmp_path / "split"
     assert run_main("digits_linear", "--output_dir", str(full), *FAST) == 0
@@ -76,6 +80,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, capsys):
     assert torch.equal(_checkpoint(split, 5)["model"]["head.weight"], _checkpoint(full, 5)["model"]["head.weight"])
 
 
+@pytest.mark.slow
 def test_resume_with_another_experiment_is_refused_and_changes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main("digits_linear", "--output_dir", str(out), *FAST, "--stop_after_task", "1") == 0
@@ -86,6 +91,7 @@ def test_resume_with_another_experiment_is_refused_and_changes_nothing(tmp_path,
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_eval_of_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main("digits_ncm", "--output_dir", str(out), *FAST, "--num_tasks", "2") == 0
@@ -96,6 +102,8 @@ def test_eval_of_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     assert "\n" not in err and f"cannot read checkpoint {path}" in err
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_distributed_evaluation_is_exact_with_odd_shards(tmp_path, fake_cifar):
     """Train once, then re-evaluate the same checkpoints with 1 and with 2 gloo processes: 4 tasks x 25 classes x 3
     test images = 75 images per task, an odd number, so a padding sampler would count an image twice."""
@@ -113,6 +121,8 @@ def test_distributed_evaluation_is_exact_with_odd_shards(tmp_path, fake_cifar):
     assert double["acc_matrix"] == single["acc_matrix"] == trained["acc_matrix"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_demo_under_torchrun_with_two_processes(tmp_path):
     """The README's main job: HiDe-Prompt's two launches, then baselines and prompt methods, under torchrun (2 gloo
     processes), then the table with the task-identity accuracy."""

@@ -1,4 +1,4 @@
-"""Few-shot LoRA (spec §13): the upstream data and scenario, the episodes, the interval, the three-part flow on Split
+"""Few-shot LoRA: the upstream data and scenario, the episodes, the interval, the three-part flow on Split
 Digits, ImageNet-R and Cars + CUB fake trees (one process and two), the reference's command lines and script."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from conftest import TINY, read_json, run_cli, run_main, script_commands
 from datasets.base import Benchmark, TransformedDataset
 from datasets.cub import load_cub200
 from datasets.few_shot import EpisodeSampler, build_upstream_scenario, check_class_split, upstream_benchmark
+from models.vit import create_backbone
 from test_hideprompt import _fails
 from test_more_benchmarks import write_fake_cars, write_fake_cub, write_fake_imagenet_r
-from models.vit import create_backbone
 from utils import UserError, seed_everything
 
 DIGITS_FS = ["--num_episodes", "4", "--epochs", "1", "--num_fs_epochs", "5"]
@@ -132,6 +132,8 @@ def test_the_reference_command_lines_parse_with_their_meaning():
     assert shared.no_effect_flags == ("lora_type", "original_model")  # read by nothing here: warned about
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_digits_flow_resumes_and_gives_the_same_episodes_on_two_processes(tmp_path, capsys):
     out = tmp_path / "run"
     assert run_main("digits_few_shot_lora", "--output_dir", str(out), *DIGITS_FS) == 0
@@ -173,6 +175,8 @@ def test_digits_flow_resumes_and_gives_the_same_episodes_on_two_processes(tmp_pa
     assert [e["accuracy"] for e in read_json(two / RESULTS)["episodes"]] == pytest.approx(resumed, abs=1e-9)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_shared_model_trains_under_ddp_counting_each_test_image_once(tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
     flags = ["digits_few_shot_lora", "--train_shared", "--epochs", "1", "--device", "cpu"]
@@ -184,6 +188,7 @@ def test_shared_model_trains_under_ddp_counting_each_test_image_once(tmp_path):
     assert not (single / "vanilla_model").exists()  # one dataset: nothing to pick a slot for
 
 
+@pytest.mark.slow
 def test_stop_after_task_stops_the_flow_and_resume_finishes_it(tmp_path, capsys):
     out = tmp_path / "run"
     flags = ["digits_few_shot_lora", "--output_dir", str(out), "--epochs", "1", "--num_episodes", "2",
@@ -203,6 +208,7 @@ def _fake_imr(root):
     return write_fake_imagenet_r(root, counts)
 
 
+@pytest.mark.slow
 def test_fsl_entry_point_runs_the_reference_three_launches_on_imagenet_r(tmp_path):
     data = _fake_imr(tmp_path / "data")
     common = ["imr_few_shot_lora", *TINY, "--data-path", str(data), "--batch-size", "4", "--epochs", "1",
@@ -226,6 +232,7 @@ def test_fsl_entry_point_runs_the_reference_three_launches_on_imagenet_r(tmp_pat
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.slow
 def test_cars_and_cub_each_train_their_own_slot_picked_by_the_vanilla_model(tmp_path, capsys):
     data = tmp_path / "data"
     write_fake_cars(data, classes=[f"car {i}" for i in range(4)], train=[1, 2, 3, 4] * 3, test=[1, 2, 3, 4] * 2)

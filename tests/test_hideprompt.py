@@ -29,12 +29,13 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_the_two_launch_flow_equals_the_one_command_flow(runs):
     tii, wtp, both = (read_json(runs / name / "results.json") for name in ("tii", "wtp", "both"))
     assert tii["config"]["hide"]["stage"] == "tii" and wtp["config"]["hide"]["stage"] == "wtp"
     assert both["config"]["hide"]["stage"] == "both"
     assert both["acc_matrix"] == wtp["acc_matrix"]
-    for mine, theirs in zip(both["tasks"], wtp["tasks"]):
+    for mine, theirs in zip(both["tasks"], wtp["tasks"], strict=True):
         assert mine["tii_acc"] == theirs["tii_acc"]
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-6)  # float summation order
     # the one-command run reports stage 1 as its first phase, equal to the stage-1 run's own results
@@ -43,6 +44,7 @@ def test_the_two_launch_flow_equals_the_one_command_flow(runs):
         assert both["tasks"][t]["phases"]["tii"]["task_acc"] == column
 
 
+@pytest.mark.slow
 def test_stage_two_uses_stage_one_task_identity_and_reports_it(runs):
     wtp, tii = read_json(runs / "wtp" / "results.json"), read_json(runs / "tii" / "results.json")
     # the TII model's task-identity accuracy is what stage 2 reports: it predicts the prompt slot
@@ -54,6 +56,7 @@ def test_stage_two_uses_stage_one_task_identity_and_reports_it(runs):
     assert "tii_pre_alignment" in tii["final"]["phases"]
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_what_each_stage_trained_and_its_statistics(runs):
     tii = torch.load(runs / "tii" / "checkpoint" / "task2_checkpoint.pth", weights_only=False)["model"]
     assert {k.split(".")[0] for k in tii} == {"tii", "tii_stats"}
@@ -66,6 +69,7 @@ def test_checkpoints_hold_what_each_stage_trained_and_its_statistics(runs):
         assert torch.equal(both[key], tii[key]), key
 
 
+@pytest.mark.slow
 def test_eval_and_resume_reuse_the_saved_statistics(runs, tmp_path):
     both = read_json(runs / "both" / "results.json")
     assert run_main("digits_hideprompt", "--output_dir", str(runs / "both"), *FAST, "--tii_epochs", "1",
@@ -85,6 +89,7 @@ def _fails(capsys, *args) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_stage_two_refuses_a_stage_one_run_that_does_not_fit(runs, tmp_path, capsys):
     partial = tmp_path / "partial"
     shutil.copytree(runs / "tii", partial)
@@ -139,6 +144,8 @@ def test_larger_prompt_lr_lowers_the_head_lr_as_the_reference(tmp_path):
     assert {id(p) for p in groups[1]["params"]} == {id(method.head.weight), id(method.head.bias)}
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_both_stages_under_two_gloo_processes_match_one_process(runs, tmp_path):
     out = tmp_path / "ddp"
     result = run_cli(["digits_hideprompt", "--output_dir", str(out), *FAST, "--tii_epochs", "1", "--tii_lr", "0.01"],
@@ -159,7 +166,7 @@ def test_the_reference_scripts_launch_stage_one_then_stage_two_on_its_output(tmp
     configs = [parse_args(argv) for argv in commands]
     stage1, stage2 = configs[:seeds], configs[seeds:]
     assert all(c.stage == "tii" and c.subcommand == f"{dataset}_hideprompt" for c in stage1)
-    for first, second in zip(stage1, stage2):
+    for first, second in zip(stage1, stage2, strict=True):
         assert second.stage == "wtp" and second.trained_original_model == first.output_dir
         assert first.seed == second.seed and first.output_dir.endswith(f"_multi_centroid_mlp_2_seed{first.seed}")
         assert second.output_dir.endswith(f"_pe_seed{first.seed}") and second.larger_prompt_lr
@@ -172,8 +179,9 @@ def test_the_reference_scripts_launch_stage_one_then_stage_two_on_its_output(tmp
         assert (stage2[0].batch_size, stage2[0].clip_grad, stage2[0].original_model_mlp_structure) == (32, 2.0, (4, 4))
 
 
+@pytest.mark.slow
 def test_five_datasets_gets_statistics_for_every_member(tmp_path):
-    # the reference compares raw member labels with offset class ids here and finds no images from task 2 on (Q15)
+    # the reference compares raw member labels with offset class ids here and finds no images from task 2 on
     from conftest import TINY
     from test_more_benchmarks import write_fake_five_datasets
     data = tmp_path / "five"

@@ -4,11 +4,15 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, free_port, read_json
 
 ARGS = ["main.py", "digits_ncm", "--num_tasks", "1", "--device", "cpu"]
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_slurm_two_tasks(tmp_path):
     out = tmp_path / "slurm"
     port = str(free_port())
@@ -26,6 +30,8 @@ def test_slurm_two_tasks(tmp_path):
     assert results["config"]["context"]["world_size"] == 2 and results["final"]["test_images"] == 540
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_legacy_launch_without_use_env(tmp_path):
     out = tmp_path / "launch"
     cmd = [sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=2", f"--master_port={free_port()}",

@@ -69,7 +69,7 @@ def test_imagenet_r_split_is_deterministic_written_once_and_moves_nothing(tmp_pa
     assert bench.train_targets.tolist() == [0] * 4 + [1] * 3 + [2]
     assert bench.test_targets.tolist() == [0, 1, 2]
     image, label = bench.test[1]
-    assert image.shape == (3, 32, 32) and label == 1 and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 32, 32) and label == 1 and image.min() >= 0 and image.max() <= 1
     assert bench.train[0][0].shape == (3, 32, 32)
     assert torch.equal(bench.train_eval[3][0], bench.train_eval[3][0])
 
@@ -149,8 +149,9 @@ def test_imagenet_r_truncated_tar_and_missing_data_are_one_line_errors(tmp_path)
 
 
 def test_imagenet_r_failed_download_gives_one_line(tmp_path, monkeypatch):
-    import torchvision.datasets.utils as tv_utils
     from urllib.error import URLError
+
+    import torchvision.datasets.utils as tv_utils
 
     def no_network(*args, **kwargs):
         raise URLError("no network")
@@ -262,7 +263,7 @@ def write_fake_five_datasets(root: Path) -> dict[str, dict[str, list[int]]]:
         labels[name] = {}
         for (split, (images_name, labels_name)), count in zip(
                 (("train", ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")),
-                 ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))), counts):
+                 ("test", ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))), counts, strict=True):
             ys = [(3 * i + 1) % 10 for i in range(count)]
             labels[name][split] = ys
             _write_idx(root / name / "raw" / images_name, rng.integers(0, 256, (count, 28, 28)), compress)
@@ -313,13 +314,13 @@ def test_five_datasets_offsets_transforms_and_sizes(tmp_path):
     # each member keeps its own transform: only CIFAR-10 is normalised, the grayscale ones stay in [0, 1] as RGB
     cifar_index = 2 + 2  # first CIFAR-10 test item
     fashion = bench.test[len(bench.test) - 1][0]
-    assert 0 <= fashion.min() and fashion.max() <= 1 and torch.equal(fashion[0], fashion[1])
+    assert fashion.min() >= 0 and fashion.max() <= 1 and torch.equal(fashion[0], fashion[1])
     assert "Normalize" in repr(bench.test.datasets[2].transform)
     assert all("Normalize" not in repr(bench.test.datasets[i].transform) for i in (0, 1, 3, 4))
     assert "ColorJitter" in repr(bench.train.datasets[2].transform)
     assert bench.test[cifar_index][1] == 29
 
-    # per-task selection works on the offset targets (the reference's bug Q15)
+    # per-task selection works on the offset targets (the reference's compared raw labels with offset class ids)
     scenario = build_scenario(50, 5, False, 0, "5-datasets", benchmark=bench, loader=LoaderSettings(batch_size=4))
     for task in range(5):
         seen = [int(y) for _, ys in scenario.test_loader(task) for y in ys]
@@ -384,7 +385,7 @@ def write_fake_cars(root: Path, classes: list[str] = CARS_CLASSES, train: list[i
         names = [f"{i:05d}.jpg" for i in range(1, len(labels) + 1)]
         for name in names:
             _image(folder / images / name, rng)
-        records = np.array([(1, 2, 9, 8, label, name) for label, name in zip(labels, names)], dtype=fields)
+        records = np.array([(1, 2, 9, 8, label, name) for label, name in zip(labels, names, strict=True)], dtype=fields)
         savemat(folder / annos_file, {"annotations": records})
     return root
 

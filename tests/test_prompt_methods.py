@@ -17,6 +17,7 @@ def _method(subcommand: str, *flags: str):
     return create_method(cfg, scenario), cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["l2p", "dualprompt", "sprompt"])
 def test_prompt_methods_run_end_to_end_and_save_only_what_they_train(tmp_path, method):
     out = tmp_path / method
@@ -86,6 +87,7 @@ def _count_query_images(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, train_passes", [([], 1), (["--pull_constraint", "False"], 0)])
 def test_a_run_puts_each_image_through_the_query_model_at_most_once(tmp_path, monkeypatch, flags, train_passes):
     # 2 tasks x 1 epoch over Split Digits: 1257 training and 540 test images. The test features are cached, so
@@ -136,6 +138,7 @@ def test_prompt_flags_warn_on_baselines_and_contradictions_fail():
         _method("digits_dualprompt", "--size", "3")
 
 
+@pytest.mark.slow
 def test_new_benchmarks_run_end_to_end_with_prompt_methods(tmp_path):
     from conftest import TINY
     from test_more_benchmarks import write_fake_five_datasets, write_fake_imagenet_r
@@ -175,6 +178,7 @@ def test_the_reference_readme_command_lines_parse(subcommand):
     assert cfg.epochs == (5 if subcommand == "cifar100_l2p" else 40) and cfg.no_effect_flags == ()
 
 
+@pytest.mark.slow
 def test_every_flag_of_the_reference_prompt_configs_parses_and_the_unread_ones_warn_once(tmp_path, capsys):
     # the flags of configs/{cifar100,imr,cub,five_datasets}_{l2p,dualprompt,sprompt_5e}.py with values as written
     # there; those this suite has no use for warn once each, before anything runs
@@ -202,7 +206,7 @@ def test_every_flag_of_the_reference_prompt_configs_parses_and_the_unread_ones_w
     expected = ["aa", "color_jitter", "embedding_key", "freeze", "global_pool", "head_type", "initializer",
                 "predefined_key", "prompt_key_init", "prompt_pool", "recount", "remode", "reprob", "same_key_value",
                 "separated_head", "smoothing", "train_interpolation", "world_size"]
-    assert len(warnings) == len(expected) and all(f"--{flag} " in w for flag, w in zip(expected, warnings))
+    assert len(warnings) == len(expected) and all(f"--{flag} " in w for flag, w in zip(expected, warnings, strict=True))
     assert read_json(out / "results.json")["completed_tasks"] == 5
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Continual LoRA, then HiDe-LoRA, on Split CIFAR-100 with the reference README's settings: 8 x 24, seed 42, 20
-# epochs, lr 0.01, rank 8. The LoRA code's `vit_base_patch16_224` was timm's AugReg in21k->in1k ViT-B/16 (Q12), so
+# epochs, lr 0.01, rank 8. The LoRA code's `vit_base_patch16_224` was timm's AugReg in21k->in1k ViT-B/16, so
 # the LoRA model is named explicitly; the task-identity model stays the Sup-21K ViT-B/16 of HiDe-Prompt's stage 1.
 # The README pointed HiDe-LoRA's --trained_original_model at the continual-LoRA run, whose weights the reference
-# then partly ignored (strict=False, Q18); here it reads a real stage 1 (train_cifar100_vit.sh's settings: 20 epochs,
+# then partly ignored (strict=False); here it reads a real stage 1 (train_cifar100_vit.sh's settings: 20 epochs,
 # lr 0.0005, constant LR, MLP [2], so stage 2 takes --original_model_mlp_structure 2 over its config's []).
 #   NPROC=8 DATA_PATH=./datasets SEEDS=42 bash training_script/train_cifar100_lora.sh [main.py flags...]
 NPROC=${NPROC:-8}

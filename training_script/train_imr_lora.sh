@@ -3,7 +3,7 @@
 # seed 42; stage 1 (imr_hideprompt, Sup-21K ViT-B/16) 50 epochs at lr 0.0005; HiDe-LoRA 50 epochs, lr 0.03, cosine,
 # rank 5, reg 0.001, LoRA momentum 0.1 (a flag the reference's parser rejected: its run could not start). Continual
 # LoRA, absent from that script, runs with HiDe-LoRA's training settings. The LoRA code's `vit_base_patch16_224` was
-# timm's AugReg in21k->in1k ViT-B/16 (Q12), so the LoRA model is named explicitly.
+# timm's AugReg in21k->in1k ViT-B/16 (its prompt code's was the Sup-21K one), so the LoRA model is named explicitly.
 #   NPROC=8 DATA_PATH=./datasets SEEDS=42 bash training_script/train_imr_lora.sh [main.py flags...]
 NPROC=${NPROC:-8}
 SEEDS=${SEEDS:-42}
