@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -53,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(err, AbortedOnOtherRank) and is_main_process():
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except BrokenPipeError:  # help piped into `head` or a pager that closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         cleanup_distributed()
 
