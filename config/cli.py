@@ -315,10 +315,8 @@ def resolve(subcommand: str, dataset_key: str, method: str, explicit: dict[str, 
     """The frozen config of `subcommand` with the flags `explicit` (field name -> value) given."""
     cls = METHODS[method]
     groups = (*COMMON_GROUPS, *cls.settings_groups)
-    draft = Draft(layered_values(dataset_key, method, explicit))
-    dict.__setitem__(draft, "given", set(explicit))
-    dict.__setitem__(draft, "subcommand", subcommand)
-    dict.__setitem__(draft, "method", method)
+    draft = Draft(layered_values(dataset_key, method, explicit), given=set(explicit), subcommand=subcommand,
+                  method=method)
     read = {f.name for g in groups for f in fields(g)}
     _check_choices_and_minimums(draft, sorted(read))
     _check_common(draft, cls)
