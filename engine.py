@@ -21,7 +21,7 @@ import metrics
 from config.resolved import Config, config_to_dict
 from datasets.scenario import Scenario
 from models.base import ContinualMethod
-from run_files import check_same_experiment, checkpoint_path, completed_tasks, load_checkpoint
+from run_files import check_same_experiment, check_same_settings, checkpoint_path, completed_tasks, load_checkpoint
 from utils import (
     DistContext,
     UserError,
@@ -31,6 +31,7 @@ from utils import (
     is_main_process,
     log,
     maybe_autocast,
+    remove_stale_temporaries,
     seed_everything,
 )
 
@@ -264,7 +265,6 @@ class RunRecord:
             self.writer.add_image("acc_matrix", _matrix_image(self.acc, t), t + 1)
             self.writer.add_text("acc_matrix", "```\n" + metrics.format_matrix(self.acc, t) + "\n```", t + 1)
             self.writer.flush()
-        self.save()
         return entry
 
     def as_dict(self) -> dict[str, Any]:
@@ -341,6 +341,7 @@ def _resume(method: ContinualMethod, cfg: Config, record: RunRecord, num_tasks: 
     if not start:
         return 0, optimizers
     saved = restore_task(method, cfg, start - 1)
+    check_same_settings(saved["config"], cfg, checkpoint_path(output_dir, start - 1))
     record.restore(saved["results"], start)
     log(f"resuming from {checkpoint_path(output_dir, start - 1)}: tasks 1..{start} done")
     log(metrics.format_matrix(record.acc, start - 1))
@@ -371,8 +372,11 @@ def _run_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, 
 def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext) -> dict[str, Any]:
     output_dir = Path(cfg.run.output_dir)
     record = RunRecord(cfg, scenario, output_dir, tensorboard=cfg.run.tensorboard)
+    if is_main_process():
+        for folder in (output_dir, checkpoint_path(output_dir, 0).parent):
+            remove_stale_temporaries(folder)
     start, optimizers = _resume(method, cfg, record, scenario.num_tasks)
-    if is_main_process():  # after the resume check, so a refused resume leaves the old run untouched
+    if is_main_process() and not start:  # a resumed run keeps the config its earlier tasks ran with
         atomic_write_json(config_to_dict(cfg), output_dir / "config.json")
     stop_after = cfg.run.stop_after_task
     stop = scenario.num_tasks if stop_after is None else min(stop_after, scenario.num_tasks)
@@ -381,11 +385,12 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistConte
             log(f"=== task {t + 1}/{scenario.num_tasks}: classes {scenario.task_classes[t]}")
             evaluation, extra = _run_task(method, scenario, t, cfg, ctx, optimizers)
             record.add(t, evaluation, extra)
-            if is_main_process():
+            if is_main_process():  # the checkpoint first: results.json never claims a task whose checkpoint is absent
                 atomic_torch_save({"model": method.checkpoint_state(),
                                    "optimizers": {k: v.state_dict() for k, v in optimizers.items() if v is not None},
                                    "task": t, "results": record.as_dict(), "config": config_to_dict(cfg)},
                                   checkpoint_path(output_dir, t))
+                record.save()
     finally:
         record.close()
     if stop < scenario.num_tasks:
@@ -404,4 +409,5 @@ def evaluate_checkpoints(method: ContinualMethod, scenario: Scenario, cfg: Confi
         method.load_task_context(t)
         log(f"=== evaluating {checkpoint_path(output_dir, t)}")
         record.add(t, evaluate(method, scenario, t, cfg, ctx), {})
+    record.save()  # once every task is evaluated: a failed --eval leaves no partial file
     return record.as_dict()

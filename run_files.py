@@ -44,6 +44,9 @@ def check_output_dir(output_dir: str, num_tasks: int, evaluating: bool, resuming
         return
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag} {out} is a file; choose a folder")
+    if checkpoint_path(out, 0).parent.exists() and not checkpoint_path(out, 0).parent.is_dir():
+        raise UserError(f"{flag} {out}: {checkpoint_path(out, 0).parent} is a file where the task checkpoints go; "
+                        f"move it or choose another {flag}")
     if out.is_dir() and any(out.iterdir()) and not resuming:
         raise UserError(f"{flag} {out} is not empty; pass --resume to continue the run in it, "
                         f"or choose another {flag}")
@@ -79,6 +82,27 @@ def check_same_experiment(saved: dict[str, Any], cfg: Config, path: Path,
     differing = differing_settings(saved, cfg, present)
     if differing:
         raise UserError(f"{path} belongs to another experiment ({differing}); use its settings or a new --output_dir")
+
+
+# Settings that change nothing of what a run trains or evaluates: a resume may give other values
+RESULT_NEUTRAL = frozenset({
+    "layout", "output_dir", "device", "eval", "resume", "stop_after_task", "print_freq", "tensorboard", "print_config",
+    "dist_url", "local_rank", "num_workers", "pin_mem", "data_path", "explicit_flags", "no_effect_flags",
+    # the few-shot flow's switches and episode settings: its upstream runs do not read them
+    "train_vanilla", "train_shared", "train_few_shot", "num_shots", "num_ways", "num_episodes", "num_queries",
+    "num_fs_epochs", "fs_lr", "fs_backbone", "few_shot_dataset_idx", "few_class_idx",
+})
+
+
+def check_same_settings(saved: dict[str, Any], cfg: Config, path: Path) -> None:
+    """A resume continues the run `path` belongs to with the settings its earlier tasks used: every setting both
+    configs have (any layout) must agree, apart from RESULT_NEUTRAL ones."""
+    theirs, current = flat_settings(saved), flat_settings(config_to_dict(cfg))
+    keys = [k for k in current if k in theirs and k not in RESULT_NEUTRAL]
+    differing = differing_settings(saved, cfg, keys)
+    if differing:
+        raise UserError(f"--resume would continue {path.parent.parent} with other settings than its earlier tasks "
+                        f"used ({differing}); resume with that run's settings, or start a new --output_dir")
 
 
 def read_run_checkpoint(directory: str, t: int, cfg: Config, kind: str, is_kind: Callable[[dict], bool],

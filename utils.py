@@ -4,9 +4,11 @@ Every helper here works the same with or without a process group, so single-proc
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -194,24 +196,50 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+# the temporary names `_atomic_write` gives (mkstemp's random part is [a-z0-9_]{8})
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:
+    """Write to a temporary file in the same folder, then rename. An OSError (no space, read-only, permission) is one
+    line naming the file; the file it would replace is intact and no temporary file is left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's 0600
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise UserError(f"cannot write {path} ({err.strerror or err}); the files written before it are intact: "
+                            f"free space or fix permissions, then --resume") from err
         raise
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files an interrupted atomic write left in `folder` (only names it makes)."""
+    folder = Path(folder)
+    stale = [p for p in folder.iterdir() if p.is_file() and _TEMPORARY.match(p.name)] if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a truncated checkpoint."""
-    _atomic_write(Path(path), lambda handle: torch.save(obj, handle), "wb")
+    """A crash never leaves a truncated checkpoint. Serialised in memory first, so a failing disk raises the OSError
+    of the write itself (torch's own writer turns it into an opaque RuntimeError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic_write(Path(path), lambda handle: handle.write(buffer.getbuffer()), "wb")
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:

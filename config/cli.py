@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import os
 import re
 import sys
@@ -258,8 +259,19 @@ def _check_choices_and_minimums(values: dict[str, Any], names: Sequence[str]) ->
         value, choices, minimum = values[name], f.metadata.get("choices"), f.metadata.get("minimum")
         if choices and value not in choices and not (value in ("", None) and f.default in ("", None)):
             raise UserError(f"unknown {primary_flag(f)} {value!r}; use one of {', '.join(map(str, choices))}")
-        if minimum is not None and value is not None and value < minimum:
-            raise UserError(f"{primary_flag(f)} must be at least {minimum:g}, got {value}")
+        _check_number(primary_flag(f), value, minimum, f.metadata.get("positive"))
+
+
+def _check_number(flag: str, value: Any, minimum: float | None, positive: bool) -> None:
+    numbers = [v for v in (value if isinstance(value, tuple | list) else [value])
+               if isinstance(v, int | float) and not isinstance(v, bool)]
+    for v in numbers:
+        if not math.isfinite(v):
+            raise UserError(f"{flag} must be a finite number, got {v}")
+        if minimum is not None and v < minimum:
+            raise UserError(f"{flag} must be at least {minimum:g}, got {v}")
+        if positive and v <= 0:
+            raise UserError(f"{flag} must be greater than 0, got {v}")
 
 
 def _check_common(draft: Draft, cls: type[ContinualMethod]) -> None:
@@ -322,6 +334,9 @@ def resolve(subcommand: str, dataset_key: str, method: str, explicit: dict[str, 
     _check_common(draft, cls)
     cls.resolve_settings(draft)
     _check_choices_and_minimums(draft, sorted(read))
+    if draft.stop_after_task is not None and not 1 <= draft.stop_after_task <= draft.num_tasks:
+        raise UserError(f"--stop_after_task {draft.stop_after_task}: choose 1..{draft.num_tasks} (the run has "
+                        f"{draft.num_tasks} tasks)")
     no_effect = sorted(name for name in explicit if name not in read)
     backbone, original = _resolve_backbones(draft, QueryModelSettings in cls.settings_groups)
     frozen = {g: _freeze(g, draft) for g in groups}

@@ -15,12 +15,13 @@ STATISTICS_KINDS = ("covariance", "variance", "multi-centroid")
 
 
 def setting(default: Any, help: str = "", *, flags: tuple[str, ...] = (), choices: tuple[Any, ...] | None = None,
-            minimum: float | None = None, nargs: str | None = None, negative: tuple[str, ...] = (),
-            saved: bool = True, metavar: str | None = None) -> Any:
+            minimum: float | None = None, positive: bool = False, nargs: str | None = None,
+            negative: tuple[str, ...] = (), saved: bool = True, metavar: str | None = None) -> Any:
     """A dataclass field that is also a flag: `flags` are extra spellings (the first is shown in help), `negative`
-    spellings store False, `saved=False` keeps it out of config.json (launcher details)."""
-    meta = dict(help=help, flags=flags, choices=choices, minimum=minimum, nargs=nargs, negative=negative,
-                saved=saved, metavar=metavar)
+    spellings store False, `saved=False` keeps it out of config.json (launcher details). Numbers are checked at parse
+    time against `minimum` / `positive` (and floats for being finite)."""
+    meta = dict(help=help, flags=flags, choices=choices, minimum=minimum, positive=positive, nargs=nargs,
+                negative=negative, saved=saved, metavar=metavar)
     if isinstance(default, (list, tuple)):
         value = tuple(default)
         return field(default_factory=lambda: value, metadata=meta)
@@ -69,14 +70,14 @@ class OptimSettings(SettingsGroup):
     title, key = "optimisation", "optim"
     batch_size: int = setting(24, "per-process batch", flags=("--batch-size",), minimum=1)
     epochs: int = setting(5, "epochs per task", minimum=0)
-    lr: float = setting(0.03, "base LR, scaled by batch/256 (see --unscale_lr)")
+    lr: float = setting(0.03, "base LR, scaled by batch/256 (see --unscale_lr)", positive=True)
     unscale_lr: bool = setting(True, "scale the LR by the per-process batch (True) or the global batch")
     opt: str = setting("adam", "timm optimizer name")
     opt_eps: float = setting(1e-8, "optimizer epsilon", flags=("--opt-eps",))
     opt_betas: tuple[float, ...] = setting((0.9, 0.999), "Adam betas", flags=("--opt-betas",), nargs="+")
     momentum: float = setting(0.9, "SGD momentum")
     weight_decay: float = setting(0.0, "one flag under both spellings (the reference's second one never took "
-                                  "effect)", flags=("--weight-decay",))
+                                  "effect)", flags=("--weight-decay",), minimum=0)
     clip_grad: float = setting(1.0, "gradient-norm clipping; 0 or less disables it", flags=("--clip-grad",))
     reinit_optimizer: bool = setting(True, "a fresh optimizer and scheduler for every task")
     sched: str = setting("constant", "constant, or a timm scheduler name", choices=SCHEDULERS)
@@ -215,14 +216,14 @@ class HiDeSettings(SettingsGroup):
     trained_original_model: str = setting("", "stage 1's --output_dir, read by stage 2")
     original_model_mlp_structure: tuple[int, ...] = setting(
         (2,), "hidden widths of the residual MLP mapping, as multiples of the feature size ([] = none)", nargs="*")
-    reg: float = setting(0.01, "weight of the contrastive regularisation (stage 2)")
+    reg: float = setting(0.01, "weight of the contrastive regularisation (stage 2)", minimum=0)
 
 
 @dataclass(frozen=True)
 class TaskIdentitySettings(SettingsGroup):
     title, key = "HiDe stage 1 inside --stage both", "tii"
     tii_epochs: int = setting(20, "stage-1 epochs per task in --stage both", minimum=0)
-    tii_lr: float = setting(0.0005, "stage-1 base LR in --stage both (constant schedule)")
+    tii_lr: float = setting(0.0005, "stage-1 base LR in --stage both (constant schedule)", positive=True)
     tii_clip_grad: float | None = setting(None, "stage-1 gradient clipping in --stage both (default: --clip-grad)")
 
 
@@ -234,7 +235,7 @@ class TaskAdaptiveSettings(SettingsGroup):
     n_centroids: int = setting(10, "k-means centroids per class (multi-centroid)", minimum=1)
     crct_epochs: int = setting(30, "task-adaptive prediction epochs", minimum=0)
     ca_lr: float = setting(0.005, "task-adaptive prediction LR (scaled by batch/256 in stage 1 only, as the "
-                           "reference)")
+                           "reference)", positive=True)
     not_train_ca: bool = setting(False, "skip task-adaptive prediction")
     ca_stage2_batches_per_centroid: int = setting(5, "stage 2 draws this many batches of pseudo-features per "
                                                   "centroid per step (stage 1: one batch)", minimum=1)
@@ -289,12 +290,12 @@ class FewShotSettings(SettingsGroup):
     vanilla_model_output_dir: str = setting("", "the vanilla upstream run (default <output_dir>/vanilla_model)")
     shared_model_output_dir: str = setting("", "the shared upstream run (default <output_dir>/shared_model)")
     shared_lora_lr_scale: float = setting(0.1, "the shared run's LoRA LR as a share of the head's")
-    num_shots: int = setting(5, "training images per class in an episode")
-    num_ways: int = setting(5, "classes per episode")
-    num_episodes: int = setting(100, "episodes")
-    num_queries: int = setting(100, "test images per class in an episode (at most)")
-    num_fs_epochs: int = setting(20, "full-batch epochs of an episode's fresh head")
-    fs_lr: float = setting(0.001, "Adam LR of an episode's head (not scaled)")
+    num_shots: int = setting(5, "training images per class in an episode", minimum=1)
+    num_ways: int = setting(5, "classes per episode", minimum=2)
+    num_episodes: int = setting(100, "episodes", minimum=1)
+    num_queries: int = setting(100, "test images per class in an episode (at most)", minimum=1)
+    num_fs_epochs: int = setting(20, "full-batch epochs of an episode's fresh head", minimum=1)
+    fs_lr: float = setting(0.001, "Adam LR of an episode's head (not scaled)", positive=True)
     fs_backbone: str = setting("shared", "vanilla: the pre-trained backbone; shared: with the few-shot dataset's "
                                "LoRA slot; vanilla+shared: with the slot the vanilla model picks from the support "
                                "images", choices=("vanilla", "shared", "vanilla+shared"))
