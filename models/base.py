@@ -44,13 +44,19 @@ def create_backbone_from(cfg: Config, with_dropout: bool = True) -> nn.Module:
                            checkpoint=settings.pretrained_checkpoint)
 
 
-def create_query_model(cfg: Config, backbone: nn.Module) -> nn.Module:
-    """The frozen query / task-identity ViT of --original_model: `backbone` itself when the resolved names and
-    weight files agree (one copy in memory, identical weights), else its own."""
+def shares_query_backbone(cfg: Config) -> bool:
+    """--model and --original_model resolve to the same name and weight file: one module can serve both."""
     query = cfg.group(QueryModelSettings)
-    if (cfg.context.original_backbone, query.original_model_checkpoint) == (cfg.context.backbone,
-                                                                            cfg.backbone.pretrained_checkpoint):
+    return (cfg.context.original_backbone, query.original_model_checkpoint) == (
+        cfg.context.backbone, cfg.backbone.pretrained_checkpoint)
+
+
+def create_query_model(cfg: Config, backbone: nn.Module) -> nn.Module:
+    """The frozen query / task-identity ViT of --original_model: `backbone` itself when it is the same (one copy in
+    memory, identical weights), else its own."""
+    if shares_query_backbone(cfg):
         return backbone
+    query = cfg.group(QueryModelSettings)
     model = create_backbone(query.original_model, cfg.backbone.pretrained, cfg.backbone.input_size,
                             checkpoint=query.original_model_checkpoint, flag="--original_model")
     freeze(model)

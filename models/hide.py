@@ -30,7 +30,14 @@ from datasets.scenario import Scenario
 from run_files import check_run_complete, checkpoint_path, read_run_checkpoint
 from utils import UserError, log, maybe_autocast
 
-from .base import ContinualMethod, classifier_head, create_backbone_from, load_prefixed, masked_cross_entropy
+from .base import (
+    ContinualMethod,
+    classifier_head,
+    create_backbone_from,
+    load_prefixed,
+    masked_cross_entropy,
+    shares_query_backbone,
+)
 from .class_statistics import ClassStatistics, ContrastiveRegularizer, task_adaptive_prediction
 from .original_model import TaskIdentityHead
 from .vit import check_promptable, create_backbone, freeze, pretrained_features
@@ -319,9 +326,7 @@ class HiDeMethod(ContinualMethod):
         return cfg.with_settings(epochs=tii.tii_epochs, lr=tii.tii_lr, sched="constant", clip_grad=clip)
 
     def _build_instructed(self, cfg: Config, scenario: Scenario) -> InstructedPhase:
-        same = (cfg.context.backbone, cfg.backbone.pretrained_checkpoint) == (
-            cfg.context.original_backbone, cfg.group(QueryModelSettings).original_model_checkpoint)
-        self.backbone = self.original_vit if same else create_backbone_from(cfg)
+        self.backbone = self.original_vit if shares_query_backbone(cfg) else create_backbone_from(cfg)
         check_promptable(self.backbone)
         freeze(self.backbone)
         with torch.random.fork_rng(devices=[]):
