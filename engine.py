@@ -5,7 +5,6 @@ task, then log and checkpoint.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -18,9 +17,20 @@ from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
 import metrics
+import preemption
 from config.resolved import Config, config_to_dict
 from datasets.scenario import Scenario
+from divergence import LossWatch, check_loss, check_tensors
 from models.base import ContinualMethod
+from rolling_state import (
+    RollingWriter,
+    gather_rng,
+    load_rolling_state,
+    rank_rng,
+    restore_rng,
+    rolling_state_path,
+    snapshot,
+)
 from run_files import check_same_experiment, check_same_settings, checkpoint_path, completed_tasks, load_checkpoint
 from utils import (
     DistContext,
@@ -107,44 +117,126 @@ def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return logits if mask is None else logits.detach().float().masked_fill(~mask, float("-inf"))
 
 
-def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, optimizer, scaler, t: int,
-                    epoch: int, cfg: Config, ctx: DistContext) -> dict[str, float]:
+class TaskInProgress:
+    """Task t as it runs: its finished phases, the optimizers, what to say when it stops, and its rolling state (the
+    one a --resume continues from, and the one written after every epoch)."""
+
+    def __init__(self, t: int, method: ContinualMethod, cfg: Config, optimizers: dict[str, Any],
+                 writer: RollingWriter, record: RunRecord, resumed: dict[str, Any] | None = None):
+        self.t, self.method, self.cfg, self.optimizers, self.writer = t, method, cfg, optimizers, writer
+        self.record = record
+        self.resumed = resumed
+        self.phases: dict[str, Any] = dict(resumed["phases"]) if resumed else {}
+        self.watches: dict[str, LossWatch] = {}
+        if resumed:
+            self.saved = f"task {t + 1} continues after epoch {resumed['epoch']}{self._of(resumed['phase'])}"
+        else:
+            self.saved = f"tasks 1..{t} are saved" if t else "no task is finished yet"
+
+    def _of(self, phase: str) -> str:
+        return f" of phase {phase}" if len(self.method.phases) > 1 else ""
+
+    def where(self, phase: str, detail: str = "") -> str:
+        return f"task {self.t + 1}" + (f" phase {phase}" if len(self.method.phases) > 1 else "") + detail
+
+    def fix(self, phase: str) -> str:
+        return f"lower {self.method.lr_flag(phase)}, or use --amp none"
+
+    def watch(self, phase: str) -> LossWatch:
+        return self.watches.setdefault(phase, LossWatch("training", self.fix(phase)))
+
+    def stop_if_requested(self, device: torch.device, phase: str, detail: str) -> None:
+        preemption.stop_if_requested(device, self.where(phase, detail), self.saved)
+
+    def skips(self, phase: str) -> bool:
+        """Finished before the run stopped: its trained state is in the rolling state, its results in `phases`."""
+        order = self.method.phases
+        return self.resumed is not None and order.index(phase) < order.index(self.resumed["phase"])
+
+    def restore(self, phase: str, optimizer: torch.optim.Optimizer, scheduler, scaler) -> dict[str, float]:
+        """Continue `phase` where the rolling state left it (after begin_task, which it overrides); returns the epochs
+        done and the training totals so far."""
+        state = self.resumed
+        if state is None or state["phase"] != phase:
+            return {"epoch": 0, "images": 0.0, "seconds": 0.0}
+        self.method.load_checkpoint_state(state["model"], str(rolling_state_path(self.cfg.run.output_dir)))
+        optimizer.load_state_dict(state["optimizers"][phase])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng(rank_rng(state))
+        return {"epoch": state["epoch"], **state["train"]}
+
+    def save(self, phase: str, epoch: int, optimizer: torch.optim.Optimizer, scheduler, scaler,
+             train: dict[str, float]) -> None:
+        """After `epoch` epochs of `phase` (every rank calls it: the RNG states are gathered)."""
+        tensors = self.method.trained_tensors()
+        check_tensors(tensors, self.where(phase, f" after epoch {epoch}"), self.fix(phase))
+        rng = gather_rng()
+        optimizers = {k: v.state_dict() for k, v in self.optimizers.items() if v is not None}
+        optimizers[phase] = optimizer.state_dict()
+        self.writer.submit(snapshot({
+            "task": self.t, "phase": phase, "epoch": epoch, "model": tensors, "optimizers": optimizers,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None, "scaler": scaler.state_dict(),
+            "rng": rng, "phases": self.phases, "train": train, "config": self.record.config}))
+        self.saved = f"task {self.t + 1} continues after epoch {epoch}{self._of(phase)}"
+
+
+def _checkpoint_step(totals: torch.Tensor, ctx: DistContext, task: TaskInProgress, phase: str,
+                     at: str) -> tuple[list[float], bool]:
+    """One all-reduce of the running totals and the preemption flags: ([loss sum, correct, images] over all ranks,
+    whether any rank was asked to stop). A non-finite loss anywhere stops every rank here; an exploding one warns."""
+    *reduced, stop = all_reduce_sum(torch.cat([totals, preemption.flag_tensor(ctx.device)])).tolist()
+    check_loss(reduced[0], "training", at, task.fix(phase))
+    task.watch(phase).update(reduced[0] / reduced[2], at)
+    return reduced, stop > 0
+
+
+def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, optimizer, scaler, epoch: int,
+                    cfg: Config, ctx: DistContext, task: TaskInProgress, phase: str) -> dict[str, float]:
+    """One epoch. Every `print_freq` steps (and at a phase's first step, the loss later ones are compared with) one
+    all-reduce gives the progress line its global values and every rank the divergence and preemption verdicts: no
+    other host synchronisation per step."""
     method.train()
+    t = task.t
     params = [p for p in method.parameters() if p.requires_grad]
-    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, correct (no per-step host sync)
-    seen = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, images
     mask = method.train_mask(t)
     progress = Progress(len(loader), f"task {t + 1} epoch {epoch + 1}/{cfg.optim.epochs}", cfg.run.print_freq)
     start = time.perf_counter()
+    reduced = [0.0, 0.0, 0.0]
     for step, (images, targets) in enumerate(loader, 1):
         images = images.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
         with maybe_autocast(ctx.device, cfg.run.amp):
             loss, logits = model(images, targets, t)
         optimizer_step(loss, optimizer, scaler, params, cfg.optim.clip_grad)
-        seen += len(targets)
         totals += torch.stack([loss.detach().double() * len(targets),
-                               (_masked(logits, mask).argmax(1) == targets).sum().double()])
-        if step % progress.print_freq == 0 or step == len(loader):
-            loss_sum, correct = totals.tolist()
-            if not math.isfinite(loss_sum):
-                raise UserError(f"the training loss became {loss_sum} at task {t + 1}, epoch {epoch + 1}, step "
-                                f"{step}; lower --lr, or use --amp none")
-            progress.update(step, {"loss": loss_sum / seen, "acc": 100 * correct / seen,
-                                   "lr": optimizer.param_groups[0]["lr"],
-                                   "img/s": seen * ctx.world_size / (time.perf_counter() - start)})
-        else:
+                               (_masked(logits, mask).argmax(1) == targets).sum().double(),
+                               totals.new_tensor(float(len(targets)))])
+        report = step % progress.print_freq == 0 or step == len(loader)
+        if not report and task.watch(phase).first is not None:
             progress.update(step, {})
+            continue
+        at = task.where(phase, f" epoch {epoch + 1}/{cfg.optim.epochs} step {step}/{len(loader)}")
+        reduced, stop = _checkpoint_step(totals, ctx, task, phase, at)
+        if stop and step < len(loader):  # at the last step the epoch ends and is saved first
+            raise preemption.preempted(at, task.saved)
+        loss_sum, correct, seen = reduced
+        progress.update(step, {"loss": loss_sum / seen, "acc": 100 * correct / seen,
+                               "lr": optimizer.param_groups[0]["lr"],
+                               "img/s": seen / (time.perf_counter() - start)} if report else {})
     progress.close()
-    count = torch.tensor([float(seen)], dtype=torch.float64, device=ctx.device)
-    loss_sum, correct, seen = all_reduce_sum(torch.cat([totals, count])).tolist()
+    loss_sum, correct, seen = reduced
     seconds = time.perf_counter() - start
     return {"loss": loss_sum / seen, "acc": 100 * correct / seen, "lr": optimizer.param_groups[0]["lr"],
             "images": seen, "seconds": seconds, "images_per_second": seen / seconds}
 
 
-def train_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, ctx: DistContext,
-               optimizer: torch.optim.Optimizer | None) -> tuple[torch.optim.Optimizer | None, dict[str, float]]:
+def train_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext,
+               task: TaskInProgress, phase: str) -> tuple[torch.optim.Optimizer | None, dict[str, float]]:
+    """Train `phase` of the task (from where its rolling state left it); a rolling state after every epoch."""
+    t, optimizer = task.t, task.optimizers.get(phase)
     param_groups = [g for g in method.begin_task(t) if g["params"]]
     if not method.trains or cfg.optim.epochs == 0 or not param_groups:
         return optimizer, {}
@@ -157,18 +249,22 @@ def train_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config,
                                         find_unused_parameters=method.find_unused_parameters)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.run.amp == "fp16")
     loader = scenario.train_loader(t)
-    stats: dict[str, float] = {}
-    images = seconds = 0.0
-    for epoch in range(cfg.optim.epochs):
+    done = task.restore(phase, optimizer, scheduler, scaler)
+    train = {k: v for k, v in done.items() if k != "epoch"}
+    for epoch in range(int(done["epoch"]), cfg.optim.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, method, loader, optimizer, scaler, t, epoch, cfg, ctx)
-        images, seconds = images + stats["images"], seconds + stats["seconds"]
+        stats = train_one_epoch(model, method, loader, optimizer, scaler, epoch, cfg, ctx, task, phase)
+        train = {"images": train["images"] + stats["images"], "seconds": train["seconds"] + stats["seconds"],
+                 "loss": stats["loss"], "acc": stats["acc"]}
         log(f"task {t + 1} epoch {epoch + 1}/{cfg.optim.epochs}: loss {stats['loss']:.4f} acc {stats['acc']:.2f} "
             f"lr {stats['lr']:.3g} ({stats['images_per_second']:.1f} img/s)")
         if scheduler is not None:
             scheduler.step(epoch)
-    return optimizer, {"train_loss": stats["loss"], "train_acc": stats["acc"], "train_seconds": seconds,
-                       "train_images_per_second": images / seconds if seconds else 0.0}
+        task.save(phase, epoch + 1, optimizer, scheduler, scaler, train)
+        task.stop_if_requested(ctx.device, phase, f" after epoch {epoch + 1}/{cfg.optim.epochs}")
+    seconds = train["seconds"]
+    return optimizer, {"train_loss": train["loss"], "train_acc": train["acc"], "train_seconds": seconds,
+                       "train_images_per_second": train["images"] / seconds if seconds else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,6 +327,7 @@ class RunRecord:
     def __init__(self, cfg: Config, scenario: Scenario, output_dir: Path, filename: str = "results.json",
                  tensorboard: bool = True):
         self.cfg, self.scenario = cfg, scenario
+        self.config = config_to_dict(cfg)  # on a resume, the run's own: a resume changes nothing of a result
         self.path = output_dir / filename
         num_tasks = scenario.num_tasks
         self.acc = np.zeros((num_tasks, num_tasks))
@@ -275,7 +372,7 @@ class RunRecord:
                 "model": self.cfg.backbone.model, "num_tasks": self.scenario.num_tasks, "completed_tasks": done,
                 "class_order": self.scenario.class_order, "task_classes": self.scenario.task_classes,
                 "acc_matrix": matrix, "tasks": self.tasks, "final": self.tasks[-1] if self.tasks else None,
-                "config": config_to_dict(self.cfg)}
+                "config": self.config}
 
     def restore(self, saved: dict[str, Any], completed: int) -> None:
         for i, row in enumerate(saved["acc_matrix"]):
@@ -283,6 +380,7 @@ class RunRecord:
                 if value is not None and c < completed:
                     self.acc[i, c] = value
         self.tasks = saved["tasks"][:completed]
+        self.config = saved.get("config", self.config)
 
     def save(self) -> None:
         if is_main_process():
@@ -313,60 +411,91 @@ def evaluation_summary(evaluation: dict, train_stats: dict[str, float] | None = 
             **(train_stats or {})}
 
 
-def run_phase(method: ContinualMethod, phase: str, scenario: Scenario, t: int, cfg: Config, ctx: DistContext,
-              optimizer: torch.optim.Optimizer | None, phases: dict[str, Any]) -> tuple[Any, dict, dict]:
-    """One phase of task t: train, finish (statistics), evaluate; with task-adaptive prediction, evaluate again
-    (the first result goes to `phases` as `<phase>_pre_alignment`). Returns (optimizer, evaluation, train stats)."""
+def run_phase(method: ContinualMethod, phase: str, scenario: Scenario, cfg: Config, ctx: DistContext,
+              task: TaskInProgress) -> tuple[dict, dict]:
+    """One phase of the task: train, finish (statistics), evaluate; with task-adaptive prediction, evaluate again
+    (the first result goes to the task's phases as `<phase>_pre_alignment`). Returns (evaluation, train stats)."""
+    t = task.t
     seed_everything(cfg.run.seed + t)  # each task (and phase) is reproducible on its own, so a resumed run matches
     phase_cfg = method.set_phase(phase)
     method.invalidate_state_cache()
-    optimizer, train_stats = train_task(method, scenario, t, phase_cfg, ctx, optimizer)
+    task.stop_if_requested(ctx.device, phase, " before training")
+    task.optimizers[phase], train_stats = train_task(method, scenario, phase_cfg, ctx, task, phase)
     method.end_task(t, scenario.stats_loader(t))
+    task.stop_if_requested(ctx.device, phase, " after its class statistics")
     evaluation = evaluate(method, scenario, t, cfg, ctx)
+    task.stop_if_requested(ctx.device, phase, " after its evaluation")
     if method.align(t):
-        phases[f"{phase}_pre_alignment"] = evaluation_summary(evaluation)
-        before = phases[f"{phase}_pre_alignment"]
+        task.phases[f"{phase}_pre_alignment"] = evaluation_summary(evaluation)
+        before = task.phases[f"{phase}_pre_alignment"]
         log(f"task {t + 1} {phase} before alignment: A_t {before['avg_acc']:.2f} | task identity "
             f"{before['avg_tii_acc']:.2f}")
         evaluation = evaluate(method, scenario, t, cfg, ctx)
-    return optimizer, evaluation, train_stats
+    return evaluation, train_stats
 
 
-def _resume(method: ContinualMethod, cfg: Config, record: RunRecord, num_tasks: int) -> tuple[int, dict[str, Any]]:
-    """With --resume: the tasks already done (their last checkpoint loaded into `method` and `record`), and the
-    optimizers saved with it when they carry over between tasks."""
+def _restore_optimizers(method: ContinualMethod, states: dict[str, Any], t: int) -> dict[str, Any]:
+    """The optimizers of `states` (by phase), over the parameter groups of task t, for those that carry over."""
+    optimizers: dict[str, Any] = {}
+    for phase, state in states.items():
+        phase_cfg = method.set_phase(phase)
+        optimizers[phase] = create_optimizer([g for g in method.begin_task(t) if g["params"]], phase_cfg)
+        optimizers[phase].load_state_dict(state)
+    return optimizers
+
+
+def _resume(method: ContinualMethod, cfg: Config, record: RunRecord,
+            num_tasks: int) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+    """With --resume: the tasks already done (their last checkpoint loaded into `method` and `record`), the optimizers
+    that carry over between tasks, and the rolling state of the task in progress (None: it starts afresh)."""
     output_dir = Path(cfg.run.output_dir)
     start = completed_tasks(output_dir, num_tasks) if cfg.run.resume else 0
     optimizers: dict[str, Any] = {}
-    if not start:
-        return 0, optimizers
-    saved = restore_task(method, cfg, start - 1)
-    check_same_settings(saved["config"], cfg, checkpoint_path(output_dir, start - 1))
-    record.restore(saved["results"], start)
-    log(f"resuming from {checkpoint_path(output_dir, start - 1)}: tasks 1..{start} done")
-    log(metrics.format_matrix(record.acc, start - 1))
-    if not cfg.optim.reinit_optimizer:
-        for phase, state in (saved.get("optimizers") or {}).items():
-            phase_cfg = method.set_phase(phase)
-            optimizers[phase] = create_optimizer([g for g in method.begin_task(start) if g["params"]], phase_cfg)
-            optimizers[phase].load_state_dict(state)
-    return start, optimizers
+    if start:
+        saved = restore_task(method, cfg, start - 1)
+        check_same_settings(saved["config"], cfg, checkpoint_path(output_dir, start - 1))
+        record.restore(saved["results"], start)
+        log(f"resuming from {checkpoint_path(output_dir, start - 1)}: tasks 1..{start} done")
+        log(metrics.format_matrix(record.acc, start - 1))
+        carried = {} if cfg.optim.reinit_optimizer else saved.get("optimizers") or {}
+        optimizers = _restore_optimizers(method, carried, start)
+    rolling = load_rolling_state(cfg, start) if cfg.run.resume and start < num_tasks else None
+    return start, optimizers, rolling
 
 
-def _run_task(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, ctx: DistContext,
-              optimizers: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
-    """Every phase of task t; returns the last phase's evaluation and what results.json keeps of the task."""
-    phases: dict[str, Any] = {}
+def _run_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext,
+              task: TaskInProgress) -> tuple[dict, dict[str, Any]]:
+    """Every phase of the task not done yet; returns the last phase's evaluation and what results.json keeps."""
+    t = task.t
+    if task.resumed is not None and not cfg.optim.reinit_optimizer:  # the finished phases' optimizers carry over
+        finished = {k: v for k, v in task.resumed["optimizers"].items() if task.skips(k)}
+        task.optimizers.update(_restore_optimizers(method, finished, t))
     for phase in method.phases:
+        if task.skips(phase):
+            continue
         if len(method.phases) > 1:
             log(f"--- task {t + 1} phase {phase}")
-        optimizers[phase], evaluation, train_stats = run_phase(method, phase, scenario, t, cfg, ctx,
-                                                               optimizers.get(phase), phases)
+        evaluation, train_stats = run_phase(method, phase, scenario, cfg, ctx, task)
         if phase != method.phases[-1]:
-            phases[phase] = evaluation_summary(evaluation, train_stats)
-            log(f"task {t + 1} {phase}: A_t {phases[phase]['avg_acc']:.2f} | task identity "
-                f"{phases[phase]['avg_tii_acc']:.2f}")
-    return evaluation, {**train_stats, **({"phases": phases} if phases else {})}
+            task.phases[phase] = evaluation_summary(evaluation, train_stats)
+            log(f"task {t + 1} {phase}: A_t {task.phases[phase]['avg_acc']:.2f} | task identity "
+                f"{task.phases[phase]['avg_tii_acc']:.2f}")
+    return evaluation, {**train_stats, **({"phases": task.phases} if task.phases else {})}
+
+
+def _save_task(method: ContinualMethod, task: TaskInProgress, cfg: Config) -> None:
+    """The task checkpoint (never holding NaN), then results.json, then the rolling state goes: results never claim a
+    task whose checkpoint is absent, and a resume never continues a task that is done."""
+    t = task.t
+    check_tensors(method.trained_tensors(), f"task {t + 1}", task.fix(method.phases[-1]))
+    task.writer.wait()
+    if is_main_process():
+        atomic_torch_save({"model": method.checkpoint_state(),
+                           "optimizers": {k: v.state_dict() for k, v in task.optimizers.items() if v is not None},
+                           "task": t, "results": task.record.as_dict(), "config": task.record.config},
+                          checkpoint_path(cfg.run.output_dir, t))
+        task.record.save()
+    task.writer.remove()
 
 
 def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext) -> dict[str, Any]:
@@ -375,24 +504,24 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistConte
     if is_main_process():
         for folder in (output_dir, checkpoint_path(output_dir, 0).parent):
             remove_stale_temporaries(folder)
-    start, optimizers = _resume(method, cfg, record, scenario.num_tasks)
-    if is_main_process() and not start:  # a resumed run keeps the config its earlier tasks ran with
+    start, optimizers, rolling = _resume(method, cfg, record, scenario.num_tasks)
+    if rolling is not None and not start:
+        record.config = rolling["config"]
+    if is_main_process() and not start and rolling is None:  # a resumed run keeps the config its tasks ran with
         atomic_write_json(config_to_dict(cfg), output_dir / "config.json")
     stop_after = cfg.run.stop_after_task
     stop = scenario.num_tasks if stop_after is None else min(stop_after, scenario.num_tasks)
+    writer = RollingWriter(output_dir)
     try:
         for t in range(start, stop):
             log(f"=== task {t + 1}/{scenario.num_tasks}: classes {scenario.task_classes[t]}")
-            evaluation, extra = _run_task(method, scenario, t, cfg, ctx, optimizers)
+            task = TaskInProgress(t, method, cfg, optimizers, writer, record, rolling if t == start else None)
+            evaluation, extra = _run_task(method, scenario, cfg, ctx, task)
             record.add(t, evaluation, extra)
-            if is_main_process():  # the checkpoint first: results.json never claims a task whose checkpoint is absent
-                atomic_torch_save({"model": method.checkpoint_state(),
-                                   "optimizers": {k: v.state_dict() for k, v in optimizers.items() if v is not None},
-                                   "task": t, "results": record.as_dict(), "config": config_to_dict(cfg)},
-                                  checkpoint_path(output_dir, t))
-                record.save()
+            _save_task(method, task, cfg)
     finally:
         record.close()
+        writer.wait()  # a preempted or failing run leaves its last rolling state whole
     if stop < scenario.num_tasks:
         log(f"stopped after task {stop} as asked; continue with --resume")
     return record.as_dict()
@@ -405,6 +534,7 @@ def evaluate_checkpoints(method: ContinualMethod, scenario: Scenario, cfg: Confi
     record = RunRecord(cfg, scenario, output_dir, filename="eval_results.json", tensorboard=False)
     method.set_phase(method.phases[-1])
     for t in range(scenario.num_tasks):
+        preemption.stop_if_requested(ctx.device, f"the evaluation of task {t + 1}", "nothing of --eval is written")
         restore_task(method, cfg, t)
         method.load_task_context(t)
         log(f"=== evaluating {checkpoint_path(output_dir, t)}")

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 
 import engine
 import metrics
+import preemption
 from config.resolved import Config, config_to_dict
 from config.settings import FewShotSettings
 from datasets import load_benchmark
@@ -273,6 +274,7 @@ def run_episodes(cfg: Config, member: Benchmark, scenario: Scenario, ctx: DistCo
     log(f"=== few-shot: {fs.num_episodes} episodes, {fs.num_ways}-way {fs.num_shots}-shot on {member.name} "
         f"classes {fs.few_class_idx}, backbone {fs.fs_backbone}" + (f" ({len(episodes)} done)" if episodes else ""))
     for start in range(len(episodes), fs.num_episodes, ctx.world_size):
+        preemption.stop_if_requested(ctx.device, f"few-shot episode {start + 1}", f"{start} episodes are saved")
         e = start + ctx.rank
         mine = torch.zeros(0, 3, dtype=torch.float64, device=ctx.device)
         if e < fs.num_episodes:

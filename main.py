@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import engine
 import few_shot
 import metrics
+import preemption
 from config.cli import parse_args
 from config.resolved import Config, config_json, config_to_dict
 from config.settings import QueryModelSettings
@@ -49,7 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.run.print_config:
             print(config_json(cfg))
             return 0
-        return _run(cfg)
+        with preemption.handling_signals():
+            return _run(cfg)
+    except preemption.Preempted as stop:
+        if is_main_process():
+            print(stop, file=sys.stderr, flush=True)
+        return preemption.EXIT_CODE
     except UserError as err:
         if not isinstance(err, AbortedOnOtherRank) and is_main_process():
             print(f"error: {err}", file=sys.stderr, flush=True)

@@ -140,6 +140,10 @@ class ContinualMethod(nn.Module):
         """Enter one of `phases`; returns the config that phase trains with (the run's, unless it differs)."""
         return self.cfg
 
+    def lr_flag(self, phase: str) -> str:
+        """The flag that sets the learning rate of `phase` (named when its training diverges)."""
+        return "--lr"
+
     def load_task_context(self, t: int) -> None:
         """Before evaluating a checkpoint of task t with --eval: load anything it depends on but does not hold."""
 
@@ -172,8 +176,12 @@ class ContinualMethod(nn.Module):
         raise NotImplementedError
 
     # --- checkpoints -------------------------------------------------------------------------------------------
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """The state it trains (the only state saved), where it lives."""
+        return {k: v.detach() for k, v in self.state_dict().items() if k.startswith(self.checkpoint_prefixes)}
+
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.state_dict().items() if k.startswith(self.checkpoint_prefixes)}
+        return {k: v.cpu() for k, v in self.trained_tensors().items()}
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor], source: str) -> None:
         expected = set(self.checkpoint_state())

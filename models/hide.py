@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from config.resolved import Config
 from config.settings import HiDeSettings, QueryModelSettings, SlotSettings, TaskAdaptiveSettings, TaskIdentitySettings
 from datasets.scenario import Scenario
+from divergence import check_tensors
 from run_files import check_run_complete, checkpoint_path, read_run_checkpoint
 from utils import UserError, log, maybe_autocast
 
@@ -355,6 +356,9 @@ class HiDeMethod(ContinualMethod):
         self.current = self._phase_objects[phase]
         return self.current.cfg
 
+    def lr_flag(self, phase: str) -> str:
+        return "--tii_lr" if phase == "tii" and len(self.phases) > 1 else "--lr"
+
     def load_task_context(self, t: int) -> None:
         self.task = t
         self.stage1.ensure(t)
@@ -381,6 +385,9 @@ class HiDeMethod(ContinualMethod):
                 feats.append(self.current.statistics_features(images, t).float())
             labels.append(targets.to(device))
         self.current.stats.update(torch.cat(feats), torch.cat(labels), self.task_classes[t], seed=self.cfg.run.seed)
+        name = self.current.name
+        check_tensors(dict(self.current.stats.named_buffers()), f"task {t + 1} phase {name}: its class statistics",
+                      f"the trained model gives non-finite features: lower {self.lr_flag(name)}")
         log(f"task {t + 1} {self.current.name}: class statistics ({self.tap.ca_storage_efficient_method}) of "
             f"{len(self.task_classes[t])} classes")
 
@@ -397,7 +404,8 @@ class HiDeMethod(ContinualMethod):
         with torch.enable_grad():
             task_adaptive_prediction(params, classify, self.current.stats, seen, self._task_masks[: t + 1].any(0),
                                      iterations, per_component, self.tap.crct_epochs, lr,
-                                     self.cfg.optim.weight_decay, seed=self.cfg.run.seed + t)
+                                     self.cfg.optim.weight_decay, seed=self.cfg.run.seed + t,
+                                     where=f"task {t + 1} phase {self.current.name}")
         freeze(self, True)
         self.eval()
         return True

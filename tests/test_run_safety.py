@@ -97,8 +97,15 @@ def test_a_full_disk_mid_run_stops_in_one_line_and_results_never_claim_a_missing
     err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), *FAST)
     assert "task2_checkpoint.pth (No space left on device)" in err
     assert read_json(out / "results.json")["completed_tasks"] == 1
-    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["task1_checkpoint.pth"]
+    # task 2's rolling state (after its last epoch) stays: the resume once space is free only redoes its evaluation
+    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["rolling_state.pth", "task1_checkpoint.pth"]
     assert not [p for p in out.rglob("*.tmp")]
+    monkeypatch.setattr(utils.os, "fsync", real_fsync)
+    capsys.readouterr()
+    assert run_main("digits_linear", "--output_dir", str(out), *FAST, "--resume") == 0
+    assert "resuming task 2 from" in capsys.readouterr().out
+    assert read_json(out / "results.json")["completed_tasks"] == 5
+    assert not (out / "checkpoint" / "rolling_state.pth").exists()
 
 
 def test_files_are_written_with_the_mode_the_umask_gives_and_stale_temporaries_go(tmp_path):
