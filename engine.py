@@ -467,7 +467,7 @@ def _run_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: Dis
               task: TaskInProgress) -> tuple[dict, dict[str, Any]]:
     """Every phase of the task not done yet; returns the last phase's evaluation and what results.json keeps."""
     t = task.t
-    if task.resumed is not None and not cfg.optim.reinit_optimizer:  # the finished phases' optimizers carry over
+    if task.resumed is not None:  # the finished phases' optimizers, as the task checkpoint keeps them
         finished = {k: v for k, v in task.resumed["optimizers"].items() if task.skips(k)}
         task.optimizers.update(_restore_optimizers(method, finished, t))
     for phase in method.phases:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -80,32 +83,58 @@ def test_an_atomic_write_that_fails_says_so_in_one_line_and_leaves_the_old_file(
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temporary left behind
 
 
-@pytest.mark.slow
-def test_a_full_disk_mid_run_stops_in_one_line_and_results_never_claim_a_missing_checkpoint(tmp_path, capsys,
-                                                                                               monkeypatch):
-    out = tmp_path / "out"
-    real_fsync, writes = os.fsync, []
+DISK_BYTES = 8704 * 1024  # room for task 1 and task 2's first rolling state, not its second (each file ~3.1 MB)
 
-    def fsync_then_fail_on_the_second_checkpoint(fd: int) -> None:
-        name = os.readlink(f"/proc/self/fd/{fd}")
-        writes.append(name)
-        if "task2_checkpoint" in name:
+
+@contextmanager
+def small_disk(folder: Path, monkeypatch) -> Iterator[Callable[[], None]]:
+    """`folder` on a file system of DISK_BYTES: a real tmpfs where this test may mount one (root), else a writer whose
+    fsync fails with ENOSPC once the folder would hold more; yields a function that frees space."""
+    folder.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES // 1024}k", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    if mounted:
+        try:
+            yield lambda: subprocess.run(["mount", "-o", "remount,size=64m", str(folder)], check=True)
+        finally:
+            subprocess.run(["umount", str(folder)], check=True)
+        return
+    real_fsync = os.fsync
+
+    def fsync_within_the_disk(fd: int) -> None:
+        if sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) > DISK_BYTES:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(utils.os, "fsync", fsync_then_fail_on_the_second_checkpoint)
-    err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), *FAST)
-    assert "task2_checkpoint.pth (No space left on device)" in err
-    assert read_json(out / "results.json")["completed_tasks"] == 1
-    # task 2's rolling state (after its last epoch) stays: the resume once space is free only redoes its evaluation
-    assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["rolling_state.pth", "task1_checkpoint.pth"]
-    assert not [p for p in out.rglob("*.tmp")]
-    monkeypatch.setattr(utils.os, "fsync", real_fsync)
-    capsys.readouterr()
-    assert run_main("digits_linear", "--output_dir", str(out), *FAST, "--resume") == 0
-    assert "resuming task 2 from" in capsys.readouterr().out
-    assert read_json(out / "results.json")["completed_tasks"] == 5
-    assert not (out / "checkpoint" / "rolling_state.pth").exists()
+    monkeypatch.setattr(utils.os, "fsync", fsync_within_the_disk)
+    yield lambda: monkeypatch.setattr(utils.os, "fsync", real_fsync)
+
+
+@pytest.mark.slow
+def test_a_full_disk_mid_run_stops_in_one_line_and_results_never_claim_a_missing_checkpoint(tmp_path, capsys,
+                                                                                               monkeypatch):
+    out = tmp_path / "disk"
+    args = ["digits_hideprompt", "--output_dir", str(out), "--epochs", "1", "--tii_epochs", "1", "--tensorboard",
+            "False", "--stop_after_task", "2"]
+    with small_disk(out, monkeypatch) as free_space:
+        err = _fails_with_one_line(capsys, *args)
+        assert err.endswith(f"cannot write {out / 'checkpoint' / 'rolling_state.pth'} (No space left on device); "
+                            f"the files written before it are intact: free space or fix permissions, then --resume")
+        assert read_json(out / "results.json")["completed_tasks"] == 1
+        # task 2's rolling state after its first phase stays: the resume continues from there
+        assert torch.load(out / "checkpoint" / "rolling_state.pth", weights_only=False)["phase"] == "tii"
+        assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["rolling_state.pth", "task1_checkpoint.pth"]
+        assert not [p for p in out.rglob("*.tmp")]
+        free_space()
+        capsys.readouterr()
+        assert run_main(*args, "--resume") == 0
+        assert "resuming task 2 from" in capsys.readouterr().out
+        assert read_json(out / "results.json")["completed_tasks"] == 2
+        assert sorted(p.name for p in (out / "checkpoint").iterdir()) == ["task1_checkpoint.pth",
+                                                                         "task2_checkpoint.pth"]
 
 
 def test_files_are_written_with_the_mode_the_umask_gives_and_stale_temporaries_go(tmp_path):
