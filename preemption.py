@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 import torch
@@ -24,7 +25,7 @@ EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, the job may be retried (requ
 SIGNALS = ("SIGTERM", "SIGUSR1")
 PARENT_POLL_SECONDS = 0.5
 # after the launcher died nobody waits for this worker's result: it stops at the next safe point or after this long
-ORPHAN_GRACE_SECONDS = 10.0
+ORPHAN_GRACE_SECONDS = 5.0
 
 _reason: str | None = None
 
@@ -55,11 +56,22 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     request(signal.Signals(signum).name)
 
 
+def is_launcher(pid: int) -> bool:
+    """Whether process `pid` is a torchrun / torch.distributed.launch agent (True where /proc cannot tell)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"torchrun" in command or b"torch.distributed.run" in command or b"torch.distributed.launch" in command
+
+
 def _watch_launcher(parent: int) -> None:
-    """Once the launcher is gone (this process re-parented), stop at the next safe point, and at the latest after
-    ORPHAN_GRACE_SECONDS: a killed torchrun must leave nothing training or writing."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_SECONDS)
+    """Once the launcher is gone (this process re-parented, or its parent is no launcher: it died while this worker
+    started), stop at the next safe point, and at the latest after ORPHAN_GRACE_SECONDS (also out of a collective
+    that waits for the dead launcher's store): a killed torchrun must leave nothing training or writing."""
+    if is_launcher(parent):
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
     request(f"the launcher (PID {parent}) died")
     time.sleep(ORPHAN_GRACE_SECONDS)
     os._exit(EXIT_CODE)

@@ -290,3 +290,18 @@ def test_loss_watch_warns_once_past_the_growth_factor(capsys):
     assert warnings == ["warning: the training loss grew from 2 to 201 (step 201.0): the run is probably diverging; "
                         "lower --lr"]
 
+
+
+def test_a_worker_whose_launcher_died_before_it_started_stops_at_once(tmp_path):
+    """Under torchrun a worker watches its launcher; one whose parent is already no launcher (it died while the worker
+    imported torch) stops at its first safe point."""
+    out = tmp_path / "out"
+    env = {**os.environ, "TORCHELASTIC_RUN_ID": "test", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "main.py", "digits_linear", "--device", "cpu", "--output_dir", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == preemption.EXIT_CODE
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"preempted at task 1 before training (the launcher (PID {os.getpid()}) died); no task is finished yet: "
+        f"continue with --resume")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert preemption.is_launcher(os.getpid()) is False
