@@ -37,6 +37,7 @@ from datasets import load_benchmark
 from datasets.base import Benchmark, TransformedDataset
 from datasets.few_shot import EpisodeSampler, build_upstream_scenario, check_class_split, upstream_benchmark
 from datasets.scenario import LoaderSettings, Scenario
+from divergence import check_loss
 from models import METHODS
 from models.base import create_backbone_from
 from models.few_shot_lora import VANILLA_HINT, SharedLoRA
@@ -253,6 +254,7 @@ def run_episode(e: int, sampler: EpisodeSampler, member: Benchmark, backbone: Ep
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        check_loss(loss.item(), "few-shot head", f"episode {e + 1}, its epoch {fs.num_fs_epochs}", "lower --fs_lr")
     query_targets = torch.searchsorted(positions, torch.as_tensor(member.test_targets[episode.query], device=device))
     with torch.no_grad():
         predicted = head(backbone.test_features(member.test, episode.query, slot)).argmax(1)
