@@ -5,6 +5,7 @@ task, then log and checkpoint.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -444,6 +445,13 @@ def _restore_optimizers(method: ContinualMethod, states: dict[str, Any], t: int)
     return optimizers
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({err}); delete it to start the run afresh") from err
+
+
 def _resume(method: ContinualMethod, cfg: Config, record: RunRecord,
             num_tasks: int) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
     """With --resume: the tasks already done (their last checkpoint loaded into `method` and `record`), the optimizers
@@ -453,13 +461,18 @@ def _resume(method: ContinualMethod, cfg: Config, record: RunRecord,
     optimizers: dict[str, Any] = {}
     if start:
         saved = restore_task(method, cfg, start - 1)
-        check_same_settings(saved["config"], cfg, checkpoint_path(output_dir, start - 1))
+        check_same_settings(saved["config"], cfg)
         record.restore(saved["results"], start)
         log(f"resuming from {checkpoint_path(output_dir, start - 1)}: tasks 1..{start} done")
         log(metrics.format_matrix(record.acc, start - 1))
         carried = {} if cfg.optim.reinit_optimizer else saved.get("optimizers") or {}
         optimizers = _restore_optimizers(method, carried, start)
     rolling = load_rolling_state(cfg, start) if cfg.run.resume and start < num_tasks else None
+    if rolling is not None and not start:
+        record.config = rolling["config"]
+    elif cfg.run.resume and not start and (output_dir / "config.json").is_file():  # stopped before any epoch ended
+        record.config = _read_config(output_dir / "config.json")
+        check_same_settings(record.config, cfg)
     return start, optimizers, rolling
 
 
@@ -505,10 +518,8 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistConte
         for folder in (output_dir, checkpoint_path(output_dir, 0).parent):
             remove_stale_temporaries(folder)
     start, optimizers, rolling = _resume(method, cfg, record, scenario.num_tasks)
-    if rolling is not None and not start:
-        record.config = rolling["config"]
-    if is_main_process() and not start and rolling is None:  # a resumed run keeps the config its tasks ran with
-        atomic_write_json(config_to_dict(cfg), output_dir / "config.json")
+    if is_main_process() and not (output_dir / "config.json").is_file():  # a resume keeps the run's own
+        atomic_write_json(record.config, output_dir / "config.json")
     stop_after = cfg.run.stop_after_task
     stop = scenario.num_tasks if stop_after is None else min(stop_after, scenario.num_tasks)
     writer = RollingWriter(output_dir)

@@ -108,7 +108,7 @@ def load_rolling_state(cfg: Config, task: int) -> dict[str, Any] | None:
     state = load_checkpoint(path)
     if state["task"] != task:
         return None
-    check_same_settings(state["config"], cfg, path)
+    check_same_settings(state["config"], cfg)
     log(f"resuming task {task + 1} from {path}: after epoch {state['epoch']} of phase {state['phase']}")
     return state
 

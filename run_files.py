@@ -94,15 +94,15 @@ RESULT_NEUTRAL = frozenset({
 })
 
 
-def check_same_settings(saved: dict[str, Any], cfg: Config, path: Path) -> None:
-    """A resume continues the run `path` belongs to with the settings its earlier tasks used: every setting both
-    configs have (any layout) must agree, apart from RESULT_NEUTRAL ones."""
+def check_same_settings(saved: dict[str, Any], cfg: Config) -> None:
+    """A resume continues the run in `cfg.run.output_dir` with the settings it started with (`saved`, any layout):
+    every setting both configs have must agree, apart from RESULT_NEUTRAL ones."""
     theirs, current = flat_settings(saved), flat_settings(config_to_dict(cfg))
     keys = [k for k in current if k in theirs and k not in RESULT_NEUTRAL]
     differing = differing_settings(saved, cfg, keys)
     if differing:
-        raise UserError(f"--resume would continue {path.parent.parent} with other settings than its earlier tasks "
-                        f"used ({differing}); resume with that run's settings, or start a new --output_dir")
+        raise UserError(f"--resume would continue {cfg.run.output_dir} with other settings than it started with "
+                        f"({differing}); resume with that run's settings, or start a new --output_dir")
 
 
 def read_run_checkpoint(directory: str, t: int, cfg: Config, kind: str, is_kind: Callable[[dict], bool],

@@ -3,6 +3,7 @@ bit-identical to a run that was never stopped (results apart from timings, every
 stops the run in one line before anything holding it is saved."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -292,7 +293,7 @@ def test_loss_watch_warns_once_past_the_growth_factor(capsys):
 
 
 
-def test_a_worker_whose_launcher_died_before_it_started_stops_at_once(tmp_path):
+def test_a_worker_whose_launcher_died_before_it_started_stops_at_once(tmp_path, capsys):
     """Under torchrun a worker watches its launcher; one whose parent is already no launcher (it died while the worker
     imported torch) stops at its first safe point."""
     out = tmp_path / "out"
@@ -305,3 +306,14 @@ def test_a_worker_whose_launcher_died_before_it_started_stops_at_once(tmp_path):
         f"continue with --resume")
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
     assert preemption.is_launcher(os.getpid()) is False
+    # stopped before any epoch ended: the resume still keeps to the settings the run started with
+    config = (out / "config.json").read_text()
+    capsys.readouterr()
+    assert run_main("digits_linear", "--device", "cpu", "--output_dir", str(out), "--resume", "--lr", "0.5") == 2
+    assert "lr: 0.3 there, 0.5 here" in capsys.readouterr().err
+    assert run_main("digits_linear", "--device", "cpu", "--output_dir", str(out), "--resume", "--epochs", "1",
+                    "--stop_after_task", "1") == 2
+    assert run_main("digits_linear", "--device", "cpu", "--output_dir", str(out), "--resume", "--stop_after_task",
+                    "1") == 0
+    assert (out / "config.json").read_text() == config
+    assert read_json(out / "results.json")["config"] == json.loads(config)
