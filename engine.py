@@ -174,13 +174,15 @@ class TaskInProgress:
         tensors = self.method.trained_tensors()
         check_tensors(tensors, self.where(phase, f" after epoch {epoch}"), self.fix(phase))
         rng = gather_rng()
+        self.saved = f"task {self.t + 1} continues after epoch {epoch}{self._of(phase)}"
+        if not is_main_process():
+            return
         optimizers = {k: v.state_dict() for k, v in self.optimizers.items() if v is not None}
         optimizers[phase] = optimizer.state_dict()
         self.writer.submit(snapshot({
             "task": self.t, "phase": phase, "epoch": epoch, "model": tensors, "optimizers": optimizers,
             "scheduler": scheduler.state_dict() if scheduler is not None else None, "scaler": scaler.state_dict(),
             "rng": rng, "phases": self.phases, "train": train, "config": self.record.config}))
-        self.saved = f"task {self.t + 1} continues after epoch {epoch}{self._of(phase)}"
 
 
 def _checkpoint_step(totals: torch.Tensor, ctx: DistContext, task: TaskInProgress, phase: str,

@@ -78,10 +78,10 @@ class RollingWriter:
             self._error = err
 
     def submit(self, state: dict[str, Any]) -> None:
+        """Write `state` (rank 0's, made of copies) once the previous write is done."""
         self.wait()
-        if is_main_process():
-            self._thread = threading.Thread(target=self._write, args=(state,), name="rolling-state", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._write, args=(state,), name="rolling-state", daemon=True)
+        self._thread.start()
 
     def wait(self) -> None:
         if self._thread is not None:
