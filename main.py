@@ -75,7 +75,7 @@ def _log_run(cfg: Config, method, scenario, ctx) -> None:
 
 
 def _run(cfg: Config) -> int:
-    ctx = init_distributed(cfg.run.device, cfg.dist.dist_url, cfg.dist.local_rank)
+    ctx = init_distributed(cfg.run.device, cfg.dist.dist_url, cfg.dist.local_rank, cfg.dist.dist_timeout)
     for flag in cfg.context.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
     if few_shot.is_flow(cfg):  # not one continual run but a flow of them (few_shot.py)

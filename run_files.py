@@ -87,7 +87,8 @@ def check_same_experiment(saved: dict[str, Any], cfg: Config, path: Path,
 # Settings that change nothing of what a run trains or evaluates: a resume may give other values
 RESULT_NEUTRAL = frozenset({
     "layout", "output_dir", "device", "eval", "resume", "stop_after_task", "print_freq", "tensorboard", "print_config",
-    "dist_url", "local_rank", "num_workers", "pin_mem", "data_path", "explicit_flags", "no_effect_flags",
+    "dist_url", "dist_timeout", "local_rank", "num_workers", "pin_mem", "data_path", "explicit_flags",
+    "no_effect_flags",
     # the few-shot flow's switches and episode settings: its upstream runs do not read them
     "train_vanilla", "train_shared", "train_few_shot", "num_shots", "num_ways", "num_episodes", "num_queries",
     "num_fs_epochs", "fs_lr", "fs_backbone", "few_shot_dataset_idx", "few_class_idx",

@@ -4,6 +4,7 @@ Every helper here works the same with or without a process group, so single-proc
 """
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -66,9 +67,11 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank_arg: int | None = None) -> DistContext:
+def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank_arg: int | None = None,
+                     timeout_minutes: float = 30.0) -> DistContext:
     """Initialise from torchrun / `torch.distributed.launch` (with or without --use_env) / SLURM, or run as one
-    plain process when none of them set the environment. NCCL on GPU, gloo on CPU."""
+    plain process when none of them set the environment. NCCL on GPU, gloo on CPU. A collective that waits longer
+    than `timeout_minutes` for another process raises instead of hanging."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun and launch (both set these, --use_env or not)
         rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -89,7 +92,8 @@ def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank_
         torch.cuda.set_device(dev)
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method=dist_url, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, init_method=dist_url, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
