@@ -18,7 +18,7 @@ from datasets import build_scenario, load_benchmark
 from datasets.scenario import LoaderSettings
 from models import create_method
 from models.backbones import resolve_backbone, weights_file
-from run_files import check_output_dir
+from run_files import check_output_dir, lock_output_dir, release_output_dirs
 from utils import (
     AbortedOnOtherRank,
     UserError,
@@ -58,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
+        release_output_dirs()
         cleanup_distributed()
 
 
@@ -87,6 +88,7 @@ def _run(cfg: Config) -> int:
     check_weight_files(cfg)
     check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume)
     barrier()  # every rank has looked at output_dir before rank 0 writes into it
+    lock_output_dir(cfg.run.output_dir, create=False)  # a folder in use stops a second launch here, at once
 
     seed_everything(cfg.run.seed)
     benchmark = load_benchmark(data.dataset, data.data_path, cfg.backbone.input_size)
@@ -97,6 +99,7 @@ def _run(cfg: Config) -> int:
     seed_everything(cfg.run.seed)
     method = create_method(cfg, scenario).to(ctx.device)
     _log_run(cfg, method, scenario, ctx)
+    lock_output_dir(cfg.run.output_dir)  # a new folder: made only now, once every check passed, before any write
     if cfg.run.eval:
         results = engine.evaluate_checkpoints(method, scenario, cfg, ctx)
     else:

@@ -155,9 +155,9 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def run_on_main_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 first (downloads, split files), then on the other ranks, which then find its output on
-    disk. If rank 0 fails, every rank stops instead of waiting at a barrier forever."""
+def run_on_main_only(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 alone (None elsewhere). If it fails, every rank stops (rank 0 with its error) instead of
+    going on without it or waiting at a barrier forever."""
     error: UserError | None = None
     result: T | None = None
     if is_main_process():
@@ -170,6 +170,13 @@ def run_on_main_first(fn: Callable[[], T]) -> T:
         if error is not None:
             raise error
         raise AbortedOnOtherRank("rank 0 failed")
+    return result
+
+
+def run_on_main_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 first (downloads, split files), then on the other ranks, which then find its output on
+    disk. If rank 0 fails, every rank stops instead of waiting at a barrier forever."""
+    result = run_on_main_only(fn)
     if not is_main_process():
         result = fn()
     return result  # type: ignore[return-value]

@@ -4,11 +4,20 @@ others' run in one line instead of a traceback or a hang."""
 from __future__ import annotations
 
 import datetime
+import multiprocessing
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import run_files
 import utils
-from conftest import run_main
+from conftest import REPO, TINY, free_port, read_json, run_main
+from run_files import LOCK_FILE, check_output_dir
 
 FAST = ["--device", "cpu", "--epochs", "1", "--num_tasks", "5"]
 
@@ -19,6 +28,152 @@ def _fails_with_one_line(capsys, *args) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
     return err
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _in_use(folder: Path, pid: int, flag: str = "--output_dir") -> re.Pattern:
+    """The refusal naming the holder, as the message a user sees."""
+    return re.compile(rf"error: {flag} {re.escape(str(folder))} is in use by another run \(PID {pid} on host "
+                      rf"{re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\); wait for it "
+                      rf"to end or choose another {flag}")
+
+
+class LockHolder:
+    """Another process holding `folder`'s lock as a run does (forked: no second torch import), until released."""
+
+    def __init__(self, folder: Path) -> None:
+        self._release, theirs = multiprocessing.Pipe()
+        self.process = multiprocessing.get_context("fork").Process(target=self._hold, args=(folder, theirs))
+        self.process.start()
+        assert self._release.poll(30) and self._release.recv() == "locked"
+        self.pid = self.process.pid
+
+    @staticmethod
+    def _hold(folder: Path, conn) -> None:
+        run_files.lock_output_dir(folder)
+        conn.send("locked")
+        conn.recv()
+
+    def release(self) -> None:
+        self._release.send("release")
+        self.process.join(30)
+        assert self.process.exitcode == 0
+
+
+def _launch_pair(logs: Path, *args: str) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 of `main.py args`, started by hand as a scheduler would, without torchrun (which would kill the
+    others when one dies); rank r's stdout and stderr go to logs/rank{r}.out and .err."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ranks = []
+    for rank in range(2):
+        with open(logs / f"rank{rank}.out", "w") as out, open(logs / f"rank{rank}.err", "w") as err:
+            ranks.append(subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, stdout=out, stderr=err,
+                                          env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}))
+    return ranks
+
+
+def test_a_launch_on_a_folder_another_run_holds_is_refused_naming_it_and_writes_nothing(tmp_path, capsys,
+                                                                                       monkeypatch):
+    import main
+
+    def read_data(*args, **kwargs):
+        raise AssertionError("a folder in use is refused before any data is read")
+
+    monkeypatch.setattr(main, "load_benchmark", read_data)
+    out = tmp_path / "out"
+    (out / "checkpoint").mkdir(parents=True)
+    for t in range(1, 6):  # what --eval's check looks for; the lock refuses before anything reads them
+        (out / "checkpoint" / f"task{t}_checkpoint.pth").write_bytes(b"a checkpoint")
+    (out / "config.json").write_text("{}")
+    holder = LockHolder(out)
+    try:
+        before = _snapshot(out)
+        assert set(before) == {LOCK_FILE, "config.json", *(f"checkpoint/task{t}_checkpoint.pth" for t in range(1, 6))}
+        for flags in (["--resume"], ["--eval"]):
+            err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), *FAST, *flags)
+            assert _in_use(out, holder.pid).fullmatch(err), err
+        assert _snapshot(out) == before  # the holder's record too
+    finally:
+        holder.release()
+
+
+def test_a_new_folder_another_launch_took_meanwhile_is_refused_before_the_first_write(tmp_path, capsys,
+                                                                                      monkeypatch):
+    import main
+
+    out, holders, log_run = tmp_path / "out", [], main._log_run
+
+    def another_launch_takes_the_folder(*args) -> None:  # both passed the checks while the folder did not exist
+        assert not out.exists()  # nothing made for a launch that may still be refused
+        holders.append(LockHolder(out))
+        log_run(*args)
+
+    monkeypatch.setattr(main, "_log_run", another_launch_takes_the_folder)
+    try:
+        err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), *FAST)
+        assert _in_use(out, holders[0].pid).fullmatch(err), err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    finally:
+        for holder in holders:
+            holder.release()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_every_rank_of_a_refused_launch_stops_and_only_rank_0_says_why(tmp_path):
+    out = tmp_path / "out"
+    holder = LockHolder(out)
+    try:
+        before = _snapshot(out)
+        ranks = _launch_pair(tmp_path, "digits_linear", "--output_dir", str(out), *TINY, "--resume")
+        assert [rank.wait(timeout=120) for rank in ranks] == [2, 2]
+        assert _snapshot(out) == before
+    finally:
+        holder.release()
+    assert _in_use(out, holder.pid).fullmatch((tmp_path / "rank0.err").read_text().strip())
+    assert (tmp_path / "rank1.err").read_text() == ""
+
+
+@pytest.mark.parametrize("held, flag", [("", "--output_dir"), ("vanilla_model", "--vanilla_model_output_dir")])
+def test_the_few_shot_flow_locks_its_folder_and_the_upstream_folders_it_trains(tmp_path, capsys, held, flag):
+    out = tmp_path / "fs"
+    holder = LockHolder(out / held)
+    try:
+        before = _snapshot(out)
+        err = _fails_with_one_line(capsys, "digits_few_shot_lora", "--output_dir", str(out), "--device", "cpu",
+                                   "--resume", "--train_vanilla")
+        assert _in_use(out / held, holder.pid, flag).fullmatch(err), err
+        after = _snapshot(out)
+        # the flow's folder is locked before its upstream ones: a free one may have got a lock file, nothing else
+        assert {name: after[name] for name in before} == before and set(after) - set(before) <= {LOCK_FILE}
+    finally:
+        holder.release()
+
+
+def test_a_lock_file_alone_is_an_empty_folder_and_no_stale_temporary(tmp_path):
+    (tmp_path / LOCK_FILE).write_text('{"pid": 1, "host": "node7", "started": "2026-12-01 10:00:00"}\n')
+    check_output_dir(str(tmp_path), 5, evaluating=False, resuming=False)  # a fresh run may start in it
+    assert utils.remove_stale_temporaries(tmp_path) == [] and (tmp_path / LOCK_FILE).exists()
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(utils.UserError, match="is not empty; pass --resume"):
+        check_output_dir(str(tmp_path), 5, evaluating=False, resuming=False)
+
+
+@pytest.mark.slow
+def test_each_run_releases_its_lock_at_exit_and_keeps_the_file(tmp_path):
+    out = tmp_path / "out"
+    common = ["digits_linear", "--output_dir", str(out), *FAST]
+    assert run_main(*common, "--stop_after_task", "2") == 0
+    first = read_json(out / LOCK_FILE)
+    assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
+    assert run_main(*common, "--resume") == 0  # in the same process: a lock kept past main() would refuse it
+    assert read_json(out / "results.json")["completed_tasks"] == 5
+    assert read_json(out / LOCK_FILE)["pid"] == os.getpid()
+    LockHolder(out).release()  # and another process may take it once the runs ended
 
 
 @pytest.mark.parametrize("value", ["0", "-1"])
