@@ -22,6 +22,8 @@ from utils import UserError, run_on_main_only, warn
 LOCK_FILE = ".lock"
 # folder -> descriptor of its locked lock file; open until release_output_dirs() or the process's exit
 _held: dict[Path, int] = {}
+# when this process started (near enough: when it imported this), so that its record is the same for each of its runs
+_STARTED = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
 
 # Keys that define the experiment: a resume with any of them changed is refused. Backbones count by the table name
 # they resolve to, so an alias and its name are the same experiment.
@@ -176,12 +178,13 @@ def _lock(folder: Path, flag: str, create: bool) -> None:
 
 
 def _write_holder(fd: int) -> None:
-    """Who holds the lock, for the message of a refused launch; written only once the lock is ours."""
-    record = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")}
+    """Who holds the lock, for the message of a refused launch; written only once the lock is ours, and only if it
+    changed (the folder's files stay as they were when the same process runs in it again)."""
+    record = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _STARTED}) + "\n").encode()
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        if os.pread(fd, len(record) + 1, 0) != record:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
     except OSError:  # the lock holds without its record: a refused launch then names no holder
         pass
 

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -164,15 +165,21 @@ def test_a_lock_file_alone_is_an_empty_folder_and_no_stale_temporary(tmp_path):
 
 
 @pytest.mark.slow
-def test_each_run_releases_its_lock_at_exit_and_keeps_the_file(tmp_path):
+def test_each_run_releases_its_lock_at_exit_and_keeps_the_file(tmp_path, capsys):
     out = tmp_path / "out"
     common = ["digits_linear", "--output_dir", str(out), *FAST]
     assert run_main(*common, "--stop_after_task", "2") == 0
-    first = read_json(out / LOCK_FILE)
-    assert first["pid"] == os.getpid() and first["host"] == socket.gethostname()
-    assert run_main(*common, "--resume") == 0  # in the same process: a lock kept past main() would refuse it
+    holder = read_json(out / LOCK_FILE)
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    before = _snapshot(out)
+    time.sleep(1.1)  # a record stamped with each launch's time would now differ
+    # the same process again (a lock kept past main() would refuse it), refused by a check after the lock: one
+    # process's record is the same for each of its runs, so the folder is left byte for byte
+    assert "lr: 0.3 there, 0.01 here" in _fails_with_one_line(capsys, *common, "--resume", "--lr", "0.01")
+    assert _snapshot(out) == before
+    assert run_main(*common, "--resume") == 0
     assert read_json(out / "results.json")["completed_tasks"] == 5
-    assert read_json(out / LOCK_FILE)["pid"] == os.getpid()
+    assert read_json(out / LOCK_FILE) == holder
     LockHolder(out).release()  # and another process may take it once the runs ended
 
 
