@@ -27,6 +27,7 @@ from utils import (
     init_distributed,
     is_main_process,
     log,
+    lost_contact_cause,
     seed_everything,
     warn,
 )
@@ -44,6 +45,7 @@ def check_weight_files(cfg: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    peers_lost = False
     try:
         cfg = parse_args(argv)
         if cfg.run.print_config:
@@ -54,12 +56,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(err, AbortedOnOtherRank) and is_main_process():
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as err:  # only a lost process (the check below); any other error raises as it would
+        cause = lost_contact_cause(err)
+        if cause is None:
+            raise
+        peers_lost = True
+        print(f"error: lost contact with another process of the run ({cause}); its files up to the last finished "
+              f"task are intact: --resume", file=sys.stderr, flush=True)
+        return 1
     except BrokenPipeError:  # help piped into `head` or a pager that closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
         release_output_dirs()
-        cleanup_distributed()
+        cleanup_distributed(peers_lost)
 
 
 def _log_run(cfg: Config, method, scenario, ctx) -> None:

@@ -182,9 +182,33 @@ def run_on_main_first(fn: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
-def cleanup_distributed() -> None:
-    if is_dist():
+def cleanup_distributed(peers_lost: bool = False) -> None:
+    """Destroy the process group, unless another process was lost: destroying can then wait on it (NCCL's pending
+    collectives), and the process's exit frees the group as well."""
+    if is_dist() and not peers_lost:
         dist.destroy_process_group()
+
+
+# How a collective says another process of the run died or stopped answering. gloo (torch 2.14) raises a plain
+# RuntimeError whose message starts with its transport's source location, "[.../gloo/transport/tcp/pair.cc:545] Read
+# error [127.0.0.1]:41234: Connection reset by peer. This is typically caused by ..." (a dead peer) or "[.../gloo/
+# transport/tcp/unbound_buffer.cc:78] Timed out waiting 6000ms for recv operation to complete" (a hung one, after
+# --dist_timeout); NCCL's watchdog and the TCP store raise these DistError subclasses.
+_GLOO_TRANSPORT = re.compile(r"\[[^\]]*gloo/transport/[^\]]*\] *")
+_LOST_CONTACT = (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)
+
+
+def lost_contact_cause(err: BaseException) -> str | None:
+    """The cause in a few words when `err` says another process of the run is gone or hung; None for any other
+    error (a bug raises as it would)."""
+    message = str(err)
+    gloo = _GLOO_TRANSPORT.search(message) if isinstance(err, RuntimeError) else None
+    if gloo is None and not isinstance(err, _LOST_CONTACT):
+        return None
+    cause = message[gloo.end():] if gloo else message
+    cause = cause.strip().splitlines()[0] if cause.strip() else type(err).__name__
+    cause = cause.split(". ")[0].rstrip(".")  # gloo's advice ("This is typically caused by ...") adds nothing
+    return cause if len(cause) <= 160 else cause[:157] + "..."
 
 
 def log(*args: Any, **kwargs: Any) -> None:

@@ -7,6 +7,7 @@ import datetime
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -218,3 +219,79 @@ def test_a_resume_may_give_another_dist_timeout_but_not_another_lr(tmp_path):
     check_same_settings(saved, parse_args(["digits_linear", "--dist_timeout", "0.5"]), path)
     with pytest.raises(utils.UserError, match="lr: 0.3 there, 0.01 here"):
         check_same_settings(saved, parse_args(["digits_linear", "--lr", "0.01"]), path)
+
+
+# what torch 2.14's gloo raised in the runs below (plain RuntimeErrors), and what the run says of them
+GLOO_DEAD_PEER = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                  "[127.0.0.1]:55432: Connection reset by peer. This is typically caused by a remote worker hanging or "
+                  "bugs in the application. Check the logs of the remote worker before reporting an error. GLHF!")
+GLOO_HUNG_PEER = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                  "6000ms for recv operation to complete")
+
+
+@pytest.mark.parametrize("err, cause", [
+    (RuntimeError(GLOO_DEAD_PEER), "Read error [127.0.0.1]:55432: Connection reset by peer"),
+    (RuntimeError(GLOO_HUNG_PEER), "Timed out waiting 6000ms for recv operation to complete"),
+    (utils.dist.DistNetworkError("Connection reset by peer\nException raised from recvBytes"),
+     "Connection reset by peer"),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 3x2)"), None),
+    (RuntimeError("gloo says hello"), None),
+    (ValueError(GLOO_DEAD_PEER), None),
+])
+def test_only_errors_that_say_a_process_was_lost_count_as_such(err, cause):
+    assert utils.lost_contact_cause(err) == cause
+
+
+def test_a_lost_process_is_one_line_and_any_other_runtime_error_a_traceback(tmp_path, capsys, monkeypatch):
+    import main
+
+    errors = iter([RuntimeError(GLOO_HUNG_PEER), RuntimeError("CUDA error: an illegal memory access")])
+
+    def run(cfg) -> int:
+        raise next(errors)
+
+    monkeypatch.setattr(main, "_run", run)
+    args = ["digits_linear", "--output_dir", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert run_main(*args) == 1
+    assert capsys.readouterr().err == (
+        "error: lost contact with another process of the run (Timed out waiting 6000ms for recv operation to "
+        "complete); its files up to the last finished task are intact: --resume\n")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run_main(*args)
+
+
+def _wait_for_training(ranks: list[subprocess.Popen], logs: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(r"^task 1 epoch", (logs / "rank0.out").read_text(), re.M):
+        assert all(rank.poll() is None for rank in ranks), (logs / "rank0.err").read_text()
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("sig, flags, cause, within", [
+    # killed: its sockets close, and the next collective fails at once
+    (signal.SIGKILL, [], r"[^()\n]*(reset by peer|closed by peer|Broken pipe)[^()\n]*", (0, 30)),
+    # stopped: nothing closes; the collective waits --dist_timeout (6 s) and fails
+    (signal.SIGSTOP, ["--dist_timeout", "0.1"], r"Timed out waiting 6000ms for \w+ operation to complete", (6, 40)),
+], ids=["dead", "hung"])
+def test_a_dead_or_hung_process_ends_the_others_run_in_one_line(tmp_path, sig, flags, cause, within):
+    out = tmp_path / "out"
+    ranks = _launch_pair(tmp_path, "digits_linear", "--output_dir", str(out), *TINY, "--epochs", "50",
+                         "--num_tasks", "5", *flags)
+    try:
+        _wait_for_training(ranks, tmp_path)
+        ranks[1].send_signal(sig)
+        lost = time.monotonic()
+        code = ranks[0].wait(timeout=within[1])
+        took = time.monotonic() - lost
+    finally:
+        for rank in ranks:
+            rank.kill()  # the stopped one (a no-op on one that ended)
+            rank.wait()
+    assert code == 1 and within[0] <= took < within[1], (code, took)
+    assert re.fullmatch(rf"error: lost contact with another process of the run \({cause}\); its files up to the last "
+                        rf"finished task are intact: --resume\n", (tmp_path / "rank0.err").read_text())
+    assert not list(out.rglob("*.tmp"))
