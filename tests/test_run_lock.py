@@ -4,6 +4,8 @@ others' run in one line instead of a traceback or a hang."""
 from __future__ import annotations
 
 import datetime
+import errno
+import fcntl
 import multiprocessing
 import os
 import re
@@ -154,6 +156,28 @@ def test_the_few_shot_flow_locks_its_folder_and_the_upstream_folders_it_trains(t
         assert {name: after[name] for name in before} == before and set(after) - set(before) <= {LOCK_FILE}
     finally:
         holder.release()
+
+
+def test_a_holder_yet_to_record_itself_still_refuses_and_a_file_system_without_flock_only_warns(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT)  # locked, its record not written yet
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(utils.UserError, match=re.escape(f"--output_dir {tmp_path} is in use by another run (its "
+                                                            f"holder has not recorded itself yet)")):
+            run_files.lock_output_dir(tmp_path)
+    finally:
+        os.close(fd)
+
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(run_files.fcntl, "flock", no_flock)
+    capsys.readouterr()
+    run_files.lock_output_dir(tmp_path / "lustre")
+    assert capsys.readouterr().err == (f"warning: cannot lock --output_dir {tmp_path / 'lustre'} (Function not "
+                                       f"implemented); a second run in it would not be stopped\n")
+    assert run_files._held == {}
 
 
 def test_a_lock_file_alone_is_an_empty_folder_and_no_stale_temporary(tmp_path):
