@@ -183,10 +183,17 @@ def run_on_main_first(fn: Callable[[], T]) -> T:
 
 
 def cleanup_distributed(peers_lost: bool = False) -> None:
-    """Destroy the process group, unless another process was lost: destroying can then wait on it (NCCL's pending
-    collectives), and the process's exit frees the group as well."""
-    if is_dist() and not peers_lost:
+    """Destroy the process group, also after another process was lost: left to the interpreter's exit, gloo's threads
+    aborted the process now and then (2 of 8 hung-peer runs: "terminate called without an active exception", SIGABRT),
+    while destroying returned at once in every run measured. Its own error is then dropped: the run already failed,
+    in one line."""
+    if not is_dist():
+        return
+    try:
         dist.destroy_process_group()
+    except RuntimeError:
+        if not peers_lost:
+            raise
 
 
 # How a collective says another process of the run died or stopped answering. gloo (torch 2.14) raises a plain

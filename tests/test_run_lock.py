@@ -285,6 +285,21 @@ def test_a_lost_process_is_one_line_and_any_other_runtime_error_a_traceback(tmp_
         run_main(*args)
 
 
+def test_the_process_group_is_destroyed_after_a_lost_process_too_and_its_error_then_dropped(monkeypatch):
+    destroyed = []
+
+    def destroy_process_group() -> None:
+        destroyed.append(True)
+        raise RuntimeError(GLOO_DEAD_PEER)
+
+    monkeypatch.setattr(utils, "is_dist", lambda: True)
+    monkeypatch.setattr(utils.dist, "destroy_process_group", destroy_process_group)
+    utils.cleanup_distributed(peers_lost=True)
+    assert destroyed == [True]
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        utils.cleanup_distributed()
+
+
 def _wait_for_training(ranks: list[subprocess.Popen], logs: Path, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not re.search(r"^task 1 epoch", (logs / "rank0.out").read_text(), re.M):
