@@ -43,7 +43,7 @@ from models.base import create_backbone_from
 from models.few_shot_lora import VANILLA_HINT, SharedLoRA
 from models.lora import forward_lora
 from models.vit import freeze
-from run_files import check_output_dir, check_run_complete, check_same_experiment
+from run_files import check_output_dir, check_run_complete, check_same_experiment, lock_output_dir
 from utils import (
     DistContext,
     UserError,
@@ -110,12 +110,23 @@ def check_plan(cfg: Config, scenario: Scenario) -> None:
         check_run_complete(fs.vanilla_model_output_dir, num_tasks, "--vanilla_model_output_dir", VANILLA_HINT)
 
 
+def lock_folders(cfg: Config, create: bool = True) -> None:
+    """Rank 0 locks the flow's folder and the upstream folders it trains in (they may lie outside --output_dir);
+    `create` as in `run_files.lock_output_dir`."""
+    fs = cfg.group(FewShotSettings)
+    lock_output_dir(cfg.run.output_dir, create=create)
+    for part, switch in (("vanilla", fs.train_vanilla), ("shared", fs.train_shared)):
+        if switch:
+            lock_output_dir(upstream_config(cfg, part).run.output_dir, f"--{part}_model_output_dir", create)
+
+
 def run(cfg: Config, ctx: DistContext) -> int:
     fs = cfg.group(FewShotSettings)
     scenario = build_upstream_scenario(list(fs.continual_classes_per_dataset), list(fs.tasks_per_dataset),
                                        cfg.data.shuffle, cfg.run.seed, list(fs.datasets))
     check_plan(cfg, scenario)
     barrier()  # every rank has checked the folders before rank 0 writes into them
+    lock_folders(cfg, create=False)  # folders in use stop a second launch here, at once
 
     # the upstream runs read every dataset, the episodes only theirs
     used = range(len(fs.datasets)) if fs.train_vanilla or fs.train_shared else [fs.few_shot_dataset_idx]
@@ -123,6 +134,7 @@ def run(cfg: Config, ctx: DistContext) -> int:
     for i in used:
         members[i] = load_benchmark(fs.datasets[i], cfg.data.data_path, cfg.backbone.input_size)
         check_class_split(members[i], fs.continual_classes_per_dataset[i], fs.few_shot_classes_per_dataset[i])
+    lock_folders(cfg)  # new folders: made only now, once the data is checked, before any write
     log(f"{cfg.subcommand}: upstream {scenario.num_tasks} tasks over {scenario.num_classes} continual classes of "
         f"{cfg.data.dataset}; vanilla {fs.train_vanilla}, shared {fs.train_shared}, few-shot {fs.train_few_shot}")
     if fs.train_vanilla or fs.train_shared:

@@ -19,7 +19,7 @@ from datasets import build_scenario, load_benchmark
 from datasets.scenario import LoaderSettings
 from models import create_method
 from models.backbones import resolve_backbone, weights_file
-from run_files import check_output_dir
+from run_files import check_output_dir, lock_output_dir, release_output_dirs
 from utils import (
     AbortedOnOtherRank,
     UserError,
@@ -28,6 +28,7 @@ from utils import (
     init_distributed,
     is_main_process,
     log,
+    lost_contact_cause,
     seed_everything,
     warn,
 )
@@ -45,6 +46,7 @@ def check_weight_files(cfg: Config) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    peers_lost = False
     try:
         cfg = parse_args(argv)
         if cfg.run.print_config:
@@ -60,11 +62,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(err, AbortedOnOtherRank) and is_main_process():
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as err:  # only a lost process (the check below); any other error raises as it would
+        cause = lost_contact_cause(err)
+        if cause is None:
+            raise
+        peers_lost = True
+        print(f"error: lost contact with another process of the run ({cause}); its files up to the last finished "
+              f"task are intact: --resume", file=sys.stderr, flush=True)
+        return 1
     except BrokenPipeError:  # help piped into `head` or a pager that closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     finally:
-        cleanup_distributed()
+        release_output_dirs()
+        cleanup_distributed(peers_lost)
 
 
 def _log_run(cfg: Config, method, scenario, ctx) -> None:
@@ -81,7 +92,7 @@ def _log_run(cfg: Config, method, scenario, ctx) -> None:
 
 
 def _run(cfg: Config) -> int:
-    ctx = init_distributed(cfg.run.device, cfg.dist.dist_url, cfg.dist.local_rank)
+    ctx = init_distributed(cfg.run.device, cfg.dist.dist_url, cfg.dist.local_rank, cfg.dist.dist_timeout)
     for flag in cfg.context.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
     if few_shot.is_flow(cfg):  # not one continual run but a flow of them (few_shot.py)
@@ -93,6 +104,7 @@ def _run(cfg: Config) -> int:
     check_weight_files(cfg)
     check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume)
     barrier()  # every rank has looked at output_dir before rank 0 writes into it
+    lock_output_dir(cfg.run.output_dir, create=False)  # a folder in use stops a second launch here, at once
 
     seed_everything(cfg.run.seed)
     benchmark = load_benchmark(data.dataset, data.data_path, cfg.backbone.input_size)
@@ -103,6 +115,7 @@ def _run(cfg: Config) -> int:
     seed_everything(cfg.run.seed)
     method = create_method(cfg, scenario).to(ctx.device)
     _log_run(cfg, method, scenario, ctx)
+    lock_output_dir(cfg.run.output_dir)  # a new folder: made only now, once every check passed, before any write
     if cfg.run.eval:
         results = engine.evaluate_checkpoints(method, scenario, cfg, ctx)
     else:

@@ -1,8 +1,13 @@
-"""A run's files on disk: where its task checkpoints are, reading them, and checking a folder before a run writes
-into it. A leaf module: the engine and the methods (HiDe's stage 2 reads stage 1's files) both import it."""
+"""A run's files on disk: where its task checkpoints are, reading them, checking a folder before a run writes into
+it, and the lock that keeps a second run out of it. A leaf module: the engine and the methods (HiDe's stage 2 reads
+stage 1's files) both import it."""
 from __future__ import annotations
 
+import datetime
+import fcntl
+import json
 import os
+import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +15,15 @@ from typing import Any
 import torch
 
 from config.resolved import Config, config_to_dict, differing_settings, flat_settings
-from utils import UserError
+from utils import UserError, run_on_main_only, warn
+
+# The file rank 0 holds an exclusive flock on while a run writes in its folder. It is never deleted: a process that
+# deleted it could let two later runs lock two different files of the same name.
+LOCK_FILE = ".lock"
+# folder -> descriptor of its locked lock file; open until release_output_dirs() or the process's exit
+_held: dict[Path, int] = {}
+# when this process started (near enough: when it imported this), so that its record is the same for each of its runs
+_STARTED = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
 
 # Keys that define the experiment: a resume with any of them changed is refused. Backbones count by the table name
 # they resolve to, so an alias and its name are the same experiment.
@@ -47,7 +60,7 @@ def check_output_dir(output_dir: str, num_tasks: int, evaluating: bool, resuming
     if checkpoint_path(out, 0).parent.exists() and not checkpoint_path(out, 0).parent.is_dir():
         raise UserError(f"{flag} {out}: {checkpoint_path(out, 0).parent} is a file where the task checkpoints go; "
                         f"move it or choose another {flag}")
-    if out.is_dir() and any(out.iterdir()) and not resuming:
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not resuming:  # a lock is no run
         raise UserError(f"{flag} {out} is not empty; pass --resume to continue the run in it, "
                         f"or choose another {flag}")
     existing = out
@@ -87,7 +100,8 @@ def check_same_experiment(saved: dict[str, Any], cfg: Config, path: Path,
 # Settings that change nothing of what a run trains or evaluates: a resume may give other values
 RESULT_NEUTRAL = frozenset({
     "layout", "output_dir", "device", "eval", "resume", "stop_after_task", "print_freq", "tensorboard", "print_config",
-    "dist_url", "local_rank", "num_workers", "pin_mem", "data_path", "explicit_flags", "no_effect_flags",
+    "dist_url", "dist_timeout", "local_rank", "num_workers", "pin_mem", "data_path", "explicit_flags",
+    "no_effect_flags",
     # the few-shot flow's switches and episode settings: its upstream runs do not read them
     "train_vanilla", "train_shared", "train_few_shot", "num_shots", "num_ways", "num_episodes", "num_queries",
     "num_fs_epochs", "fs_lr", "fs_backbone", "few_shot_dataset_idx", "few_class_idx",
@@ -119,3 +133,65 @@ def read_run_checkpoint(directory: str, t: int, cfg: Config, kind: str, is_kind:
     if differing:
         raise UserError(f"{path} was trained with other settings ({differing}); use that run's settings")
     return saved["model"]
+
+
+def lock_output_dir(output_dir: str | Path, flag: str = "--output_dir", create: bool = True) -> None:
+    """Rank 0 locks `output_dir` until the run ends; if another process holds it, every rank stops and rank 0 names
+    the holder. `create=False` leaves a missing folder for a later call: a launch that ends up refused must not
+    have made it, so lock an existing folder as soon as it is checked (a second launch stops at once) and any
+    folder again right before the first write (once is enough: a folder locked already is kept)."""
+    run_on_main_only(lambda: _lock(Path(output_dir), flag, create))
+
+
+def release_output_dirs() -> None:
+    """Unlock every folder this process locked (main's exit; in-process runs, as the tests make, need it)."""
+    for fd in _held.values():
+        fcntl.flock(fd, fcntl.LOCK_UN)  # releases it for DataLoader workers forked with the descriptor too
+        os.close(fd)
+    _held.clear()
+
+
+def _lock(folder: Path, flag: str, create: bool) -> None:
+    key = folder.resolve()
+    if key in _held or not (create or folder.is_dir()):
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # no O_TRUNC: the holder's record must survive a refused launch opening the file
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:  # --eval of a read-only run, say: it cannot write its results either, and says so later
+        warn(f"cannot lock {flag} {folder} ({err.strerror or err}); a second run in it would not be stopped")
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise UserError(f"{flag} {folder} is in use by another run ({holder}); wait for it to end or choose another "
+                        f"{flag}") from None
+    except OSError as err:  # a file system without flock (Lustre mounted without -o flock): run, but say so
+        os.close(fd)
+        warn(f"cannot lock {flag} {folder} ({err.strerror or err}); a second run in it would not be stopped")
+        return
+    _held[key] = fd
+    _write_holder(fd)
+
+
+def _write_holder(fd: int) -> None:
+    """Who holds the lock, for the message of a refused launch; written only once the lock is ours, and only if it
+    changed (the folder's files stay as they were when the same process runs in it again)."""
+    record = (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _STARTED}) + "\n").encode()
+    try:
+        if os.pread(fd, len(record) + 1, 0) != record:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, record, 0)
+    except OSError:  # the lock holds without its record: a refused launch then names no holder
+        pass
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0))
+        return f"PID {record['pid']} on host {record['host']}, started {record['started']}"
+    except (OSError, ValueError, TypeError, KeyError):  # a holder that has not written its record yet
+        return "its holder has not recorded itself yet"

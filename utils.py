@@ -4,6 +4,7 @@ Every helper here works the same with or without a process group, so single-proc
 """
 from __future__ import annotations
 
+import datetime
 import io
 import json
 import os
@@ -66,9 +67,11 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank_arg: int | None = None) -> DistContext:
+def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank_arg: int | None = None,
+                     timeout_minutes: float = 30.0) -> DistContext:
     """Initialise from torchrun / `torch.distributed.launch` (with or without --use_env) / SLURM, or run as one
-    plain process when none of them set the environment. NCCL on GPU, gloo on CPU."""
+    plain process when none of them set the environment. NCCL on GPU, gloo on CPU. A collective that waits longer
+    than `timeout_minutes` for another process raises instead of hanging."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun and launch (both set these, --use_env or not)
         rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
@@ -89,7 +92,8 @@ def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank_
         torch.cuda.set_device(dev)
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method=dist_url, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, init_method=dist_url, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -151,9 +155,9 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
-def run_on_main_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 first (downloads, split files), then on the other ranks, which then find its output on
-    disk. If rank 0 fails, every rank stops instead of waiting at a barrier forever."""
+def run_on_main_only(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 alone (None elsewhere). If it fails, every rank stops (rank 0 with its error) instead of
+    going on without it or waiting at a barrier forever."""
     error: UserError | None = None
     result: T | None = None
     if is_main_process():
@@ -166,14 +170,52 @@ def run_on_main_first(fn: Callable[[], T]) -> T:
         if error is not None:
             raise error
         raise AbortedOnOtherRank("rank 0 failed")
+    return result
+
+
+def run_on_main_first(fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0 first (downloads, split files), then on the other ranks, which then find its output on
+    disk. If rank 0 fails, every rank stops instead of waiting at a barrier forever."""
+    result = run_on_main_only(fn)
     if not is_main_process():
         result = fn()
     return result  # type: ignore[return-value]
 
 
-def cleanup_distributed() -> None:
-    if is_dist():
+def cleanup_distributed(peers_lost: bool = False) -> None:
+    """Destroy the process group, also after another process was lost: left to the interpreter's exit, gloo's threads
+    aborted the process now and then (2 of 8 hung-peer runs: "terminate called without an active exception", SIGABRT),
+    while destroying returned at once in every run measured. Its own error is then dropped: the run already failed,
+    in one line."""
+    if not is_dist():
+        return
+    try:
         dist.destroy_process_group()
+    except RuntimeError:
+        if not peers_lost:
+            raise
+
+
+# How a collective says another process of the run died or stopped answering. gloo (torch 2.14) raises a plain
+# RuntimeError whose message starts with its transport's source location, "[.../gloo/transport/tcp/pair.cc:545] Read
+# error [127.0.0.1]:41234: Connection reset by peer. This is typically caused by ..." (a dead peer) or "[.../gloo/
+# transport/tcp/unbound_buffer.cc:78] Timed out waiting 6000ms for recv operation to complete" (a hung one, after
+# --dist_timeout); NCCL's watchdog and the TCP store raise these DistError subclasses.
+_GLOO_TRANSPORT = re.compile(r"\[[^\]]*gloo/transport/[^\]]*\] *")
+_LOST_CONTACT = (dist.DistBackendError, dist.DistNetworkError, dist.DistStoreError)
+
+
+def lost_contact_cause(err: BaseException) -> str | None:
+    """The cause in a few words when `err` says another process of the run is gone or hung; None for any other
+    error (a bug raises as it would)."""
+    message = str(err)
+    gloo = _GLOO_TRANSPORT.search(message) if isinstance(err, RuntimeError) else None
+    if gloo is None and not isinstance(err, _LOST_CONTACT):
+        return None
+    cause = message[gloo.end():] if gloo else message
+    cause = cause.strip().splitlines()[0] if cause.strip() else type(err).__name__
+    cause = cause.split(". ")[0].rstrip(".")  # gloo's advice ("This is typically caused by ...") adds nothing
+    return cause if len(cause) <= 160 else cause[:157] + "..."
 
 
 def log(*args: Any, **kwargs: Any) -> None:

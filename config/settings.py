@@ -61,6 +61,9 @@ class RunSettings(SettingsGroup):
 class DistSettings(SettingsGroup):
     title, key = "distributed (set by the launcher)", "dist"
     dist_url: str = setting("env://", "process-group init method")
+    dist_timeout: float = setting(30.0, "minutes a process waits for the others in a collective before the run stops "
+                                  "(a dead or hung process ends the run after this long); leave room for rank 0's "
+                                  "downloads and checkpoint writes", positive=True)
     local_rank: int | None = setting(None, "set by torch.distributed.launch without --use_env",
                                      flags=("--local_rank", "--local-rank"), saved=False)
 
