@@ -67,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cause is None:
             raise
         peers_lost = True
-        print(f"error: lost contact with another process of the run ({cause}); its files up to the last finished "
-              f"task are intact: --resume", file=sys.stderr, flush=True)
+        print(f"error: lost contact with another process of the run ({cause}); its files up to the last saved "
+              f"epoch are intact: --resume", file=sys.stderr, flush=True)
         return 1
     except BrokenPipeError:  # help piped into `head` or a pager that closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

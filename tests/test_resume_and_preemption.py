@@ -304,7 +304,7 @@ def test_a_worker_whose_launcher_died_before_it_started_stops_at_once(tmp_path, 
     assert done.stderr.strip().splitlines()[-1] == (
         f"preempted at task 1 before training (the launcher (PID {os.getpid()}) died); no task is finished yet: "
         f"continue with --resume")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json"]
     assert preemption.is_launcher(os.getpid()) is False
     # stopped before any epoch ended: the resume still keeps to the settings the run started with
     config = (out / "config.json").read_text()

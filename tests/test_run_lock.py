@@ -280,7 +280,7 @@ def test_a_lost_process_is_one_line_and_any_other_runtime_error_a_traceback(tmp_
     assert run_main(*args) == 1
     assert capsys.readouterr().err == (
         "error: lost contact with another process of the run (Timed out waiting 6000ms for recv operation to "
-        "complete); its files up to the last finished task are intact: --resume\n")
+        "complete); its files up to the last saved epoch are intact: --resume\n")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         run_main(*args)
 
