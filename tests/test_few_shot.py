@@ -196,7 +196,8 @@ def test_stop_after_task_stops_the_flow_and_resume_finishes_it(tmp_path, capsys)
     assert run_main(*flags, "--stop_after_task", "2") == 0
     assert "continue with --resume" in capsys.readouterr().out
     assert read_json(out / "vanilla_model" / "results.json")["completed_tasks"] == 2
-    assert not (out / "shared_model").exists() and not (out / RESULTS).exists()
+    # the shared run's folder is locked for this launch but holds nothing of a run
+    assert [p.name for p in (out / "shared_model").iterdir()] == [".lock"] and not (out / RESULTS).exists()
     assert run_main(*flags, "--resume") == 0
     assert read_json(out / "vanilla_model" / "results.json")["completed_tasks"] == 3
     assert read_json(out / "shared_model" / "results.json")["completed_tasks"] == 3
