@@ -25,6 +25,21 @@ def run_main(*args: str) -> int:
     return main.main(list(args))
 
 
+def fails_with_one_line(capsys, *args: str) -> str:
+    """Runs main in-process, which must fail with exit code 2 and one `error: ` line on stderr; returns that line."""
+    capsys.readouterr()
+    assert run_main(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def folder_snapshot(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    """Every file under `folder` (but those under a sub-folder named in `skip`) by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not set(skip) & set(p.relative_to(folder).parts)}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

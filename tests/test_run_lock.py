@@ -20,22 +20,10 @@ import pytest
 
 import run_files
 import utils
-from conftest import REPO, TINY, free_port, read_json, run_main
+from conftest import REPO, TINY, fails_with_one_line, folder_snapshot, free_port, read_json, run_main
 from run_files import LOCK_FILE, check_output_dir
 
 FAST = ["--device", "cpu", "--epochs", "1", "--num_tasks", "5"]
-
-
-def _fails_with_one_line(capsys, *args) -> str:
-    capsys.readouterr()
-    assert run_main(*args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _in_use(folder: Path, pid: int, flag: str = "--output_dir") -> re.Pattern:
@@ -95,12 +83,12 @@ def test_a_launch_on_a_folder_another_run_holds_is_refused_naming_it_and_writes_
     (out / "config.json").write_text("{}")
     holder = LockHolder(out)
     try:
-        before = _snapshot(out)
+        before = folder_snapshot(out)
         assert set(before) == {LOCK_FILE, "config.json", *(f"checkpoint/task{t}_checkpoint.pth" for t in range(1, 6))}
         for flags in (["--resume"], ["--eval"]):
-            err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), *FAST, *flags)
+            err = fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), *FAST, *flags)
             assert _in_use(out, holder.pid).fullmatch(err), err
-        assert _snapshot(out) == before  # the holder's record too
+        assert folder_snapshot(out) == before  # the holder's record too
     finally:
         holder.release()
 
@@ -118,7 +106,7 @@ def test_a_new_folder_another_launch_took_meanwhile_is_refused_before_the_first_
 
     monkeypatch.setattr(main, "_log_run", another_launch_takes_the_folder)
     try:
-        err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), *FAST)
+        err = fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), *FAST)
         assert _in_use(out, holders[0].pid).fullmatch(err), err
         assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
     finally:
@@ -132,10 +120,10 @@ def test_every_rank_of_a_refused_launch_stops_and_only_rank_0_says_why(tmp_path)
     out = tmp_path / "out"
     holder = LockHolder(out)
     try:
-        before = _snapshot(out)
+        before = folder_snapshot(out)
         ranks = _launch_pair(tmp_path, "digits_linear", "--output_dir", str(out), *TINY, "--resume")
         assert [rank.wait(timeout=120) for rank in ranks] == [2, 2]
-        assert _snapshot(out) == before
+        assert folder_snapshot(out) == before
     finally:
         holder.release()
     assert _in_use(out, holder.pid).fullmatch((tmp_path / "rank0.err").read_text().strip())
@@ -147,11 +135,11 @@ def test_the_few_shot_flow_locks_its_folder_and_the_upstream_folders_it_trains(t
     out = tmp_path / "fs"
     holder = LockHolder(out / held)
     try:
-        before = _snapshot(out)
-        err = _fails_with_one_line(capsys, "digits_few_shot_lora", "--output_dir", str(out), "--device", "cpu",
+        before = folder_snapshot(out)
+        err = fails_with_one_line(capsys, "digits_few_shot_lora", "--output_dir", str(out), "--device", "cpu",
                                    "--resume", "--train_vanilla")
         assert _in_use(out / held, holder.pid, flag).fullmatch(err), err
-        after = _snapshot(out)
+        after = folder_snapshot(out)
         # the flow's folder is locked before its upstream ones: a free one may have got a lock file, nothing else
         assert {name: after[name] for name in before} == before and set(after) - set(before) <= {LOCK_FILE}
     finally:
@@ -196,12 +184,12 @@ def test_each_run_releases_its_lock_at_exit_and_keeps_the_file(tmp_path, capsys)
     assert run_main(*common, "--stop_after_task", "2") == 0
     holder = read_json(out / LOCK_FILE)
     assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
-    before = _snapshot(out)
+    before = folder_snapshot(out)
     time.sleep(1.1)  # a record stamped with each launch's time would now differ
     # the same process again (a lock kept past main() would refuse it), refused by a check after the lock: one
     # process's record is the same for each of its runs, so the folder is left byte for byte
-    assert "lr: 0.3 there, 0.01 here" in _fails_with_one_line(capsys, *common, "--resume", "--lr", "0.01")
-    assert _snapshot(out) == before
+    assert "lr: 0.3 there, 0.01 here" in fails_with_one_line(capsys, *common, "--resume", "--lr", "0.01")
+    assert folder_snapshot(out) == before
     assert run_main(*common, "--resume") == 0
     assert read_json(out / "results.json")["completed_tasks"] == 5
     assert read_json(out / LOCK_FILE) == holder
@@ -211,7 +199,7 @@ def test_each_run_releases_its_lock_at_exit_and_keeps_the_file(tmp_path, capsys)
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_a_dist_timeout_that_is_not_positive_is_refused_at_parse_time(tmp_path, capsys, value):
     out = tmp_path / "out"
-    err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), "--dist_timeout", value)
+    err = fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), "--dist_timeout", value)
     assert f"--dist_timeout must be greater than 0, got {float(value)}" in err
     assert not out.exists()
 
@@ -226,7 +214,7 @@ def test_dist_timeout_reaches_the_process_group(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(utils.dist, "init_process_group", init_process_group)
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
-    err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(tmp_path / "out"), *FAST,
+    err = fails_with_one_line(capsys, "digits_linear", "--output_dir", str(tmp_path / "out"), *FAST,
                                "--dist-timeout", "0.25")
     assert err == "error: stopped after init_process_group"
     assert seen["timeout"] == datetime.timedelta(seconds=15) and seen["backend"] == "gloo"

@@ -14,22 +14,9 @@ import pytest
 import torch
 
 import utils
-from conftest import read_json, run_main
+from conftest import fails_with_one_line, folder_snapshot, read_json, run_main
 
 FAST = ["--device", "cpu", "--epochs", "1", "--num_tasks", "5"]
-
-
-def _fails_with_one_line(capsys, *args) -> str:
-    capsys.readouterr()
-    assert run_main(*args) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and "tensorboard" not in p.parts}
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -41,7 +28,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 ])
 def test_settings_are_checked_before_anything_is_written(tmp_path, capsys, flags, message):
     out = tmp_path / "out"
-    assert message in _fails_with_one_line(capsys, "digits_hideprompt", "--output_dir", str(out), *flags)
+    assert message in fails_with_one_line(capsys, "digits_hideprompt", "--output_dir", str(out), *flags)
     assert not out.exists()
 
 
@@ -49,7 +36,7 @@ def test_a_file_where_the_checkpoints_go_is_refused_before_training(tmp_path, ca
     out = tmp_path / "out"
     out.mkdir()
     (out / "checkpoint").write_text("not a folder")
-    err = _fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), "--resume", *FAST)
+    err = fails_with_one_line(capsys, "digits_linear", "--output_dir", str(out), "--resume", *FAST)
     assert f"{out / 'checkpoint'} is a file where the task checkpoints go" in err
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint"]
 
@@ -59,10 +46,10 @@ def test_a_resume_with_other_settings_is_refused_and_neutral_ones_may_differ(tmp
     out = tmp_path / "out"
     common = ["digits_linear", "--output_dir", str(out), *FAST]
     assert run_main(*common, "--stop_after_task", "2") == 0
-    before = _snapshot(out)
-    err = _fails_with_one_line(capsys, *common, "--resume", "--lr", "0.01", "--batch-size", "8")
+    before = folder_snapshot(out, skip=("tensorboard",))
+    err = fails_with_one_line(capsys, *common, "--resume", "--lr", "0.01", "--batch-size", "8")
     assert "lr: 0.3 there, 0.01 here" in err and "batch_size: 16 there, 8 here" in err
-    assert _snapshot(out) == before  # nothing rewritten
+    assert folder_snapshot(out, skip=("tensorboard",)) == before  # nothing rewritten
     first_config = (out / "config.json").read_text()
     assert run_main(*common, "--resume", "--print_freq", "3", "--num_workers", "0", "--tensorboard", "False") == 0
     assert read_json(out / "results.json")["completed_tasks"] == 5
@@ -120,7 +107,7 @@ def test_a_full_disk_mid_run_stops_in_one_line_and_results_never_claim_a_missing
     args = ["digits_hideprompt", "--output_dir", str(out), "--epochs", "1", "--tii_epochs", "1", "--tensorboard",
             "False", "--stop_after_task", "2"]
     with small_disk(out, monkeypatch) as free_space:
-        err = _fails_with_one_line(capsys, *args)
+        err = fails_with_one_line(capsys, *args)
         assert err.endswith(f"cannot write {out / 'checkpoint' / 'rolling_state.pth'} (No space left on device); "
                             f"the files written before it are intact: free space or fix permissions, then --resume")
         assert read_json(out / "results.json")["completed_tasks"] == 1
@@ -160,7 +147,7 @@ def test_a_failed_eval_leaves_no_partial_results_and_a_resume_clears_stale_tempo
     assert run_main(*common, "--resume") == 0
     assert not stale.exists()
     (out / "checkpoint" / "task4_checkpoint.pth").write_bytes(b"truncated")
-    err = _fails_with_one_line(capsys, *common, "--eval")
+    err = fails_with_one_line(capsys, *common, "--eval")
     assert "cannot read checkpoint" in err and "task4_checkpoint.pth" in err
     assert not (out / "eval_results.json").exists()
     assert json.loads((out / "results.json").read_text())["completed_tasks"] == 5

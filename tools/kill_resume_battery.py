@@ -29,6 +29,9 @@ from typing import Any
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from run_files import RESULT_NEUTRAL  # noqa: E402
 DEFAULT_RUN = ["digits_hideprompt", "--device", "cpu", "--epochs", "2", "--tii_epochs", "1", "--crct_epochs", "2",
                "--stop_after_task", "3", "--print_freq", "4", "--tensorboard", "False"]
 KILLS = ("sigkill-all", "sigkill-worker", "sigkill-agent", "sigterm", "sigusr1")
@@ -56,8 +59,10 @@ def send(process: subprocess.Popen, kill: str, nproc: int) -> None:
 
 
 def untimed(obj: Any) -> Any:
+    """A results file without timings and settings that change no result (a run killed before it wrote anything is
+    started anew by its resume: its configuration is then the resume's, --resume included)."""
     if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if "second" not in k and k != "output_dir"}
+        return {k: untimed(v) for k, v in obj.items() if "second" not in k and k not in RESULT_NEUTRAL}
     if isinstance(obj, list):
         return [untimed(v) for v in obj]
     return obj
