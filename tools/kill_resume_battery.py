@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from run_files import RESULT_NEUTRAL  # noqa: E402
+
 DEFAULT_RUN = ["digits_hideprompt", "--device", "cpu", "--epochs", "2", "--tii_epochs", "1", "--crct_epochs", "2",
                "--stop_after_task", "3", "--print_freq", "4", "--tensorboard", "False"]
 KILLS = ("sigkill-all", "sigkill-worker", "sigkill-agent", "sigterm", "sigusr1")
