@@ -2,6 +2,8 @@
 import importlib.util
 from types import ModuleType
 
+import pytest
+
 from conftest import REPO, read_json
 
 
@@ -54,3 +56,21 @@ def test_few_shot_shared_model_is_one_lora_pass_per_image(tmp_path):
     row = _run(tmp_path, "digits_few_shot_lora")
     assert row["train_images_per_second"] > 0
     assert row["train_vit_passes_per_image"] == row["eval_vit_passes_per_image"] == 1
+
+
+@pytest.mark.slow
+def test_rolling_state_benchmark_times_both_variants_per_phase_and_sizes_the_state(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("rolling_state_benchmark", REPO / "benchmarks" / "rolling_state.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "rolling.json"
+    assert module.main(["digits_hideprompt", "--device", "cpu", "--images", "48", "--repeats", "1", "--epochs", "1",
+                        "--tii_epochs", "1", "--json", str(path)]) == 0
+    saved = read_json(path)
+    assert saved["images"] == 48 and saved["epochs"] == 1
+    assert [row["phase"] for row in saved["results"]] == ["tii", "wtp"]
+    for row in saved["results"]:
+        assert row["epoch_seconds_without"] > 0 and row["epoch_seconds_with"] > 0 and row["state_mb"] > 0.1
+        expected = 100 * (row["epoch_seconds_with"] - row["epoch_seconds_without"]) / row["epoch_seconds_without"]
+        assert abs(row["overhead_percent"] - expected) < 1e-9
+    assert "overhead" in capsys.readouterr().out
