@@ -75,13 +75,16 @@ def _run(args: list[str], nproc: int = 0) -> tuple[int, str]:
     return _finish(_launch(args, nproc))
 
 
-def _run_until(args: list[str], line: str, signum: int, nproc: int = 0, group: bool = False) -> tuple[int, str]:
-    """Launch, send `signum` (to the launcher, or its whole process group) once `line` is printed, wait for the end."""
+def _run_until(args: list[str], line: str, signum: int, nproc: int = 0, tree: bool = False) -> tuple[int, str]:
+    """Launch, send `signum` (to the launcher, or with `tree` to it and its workers, which torchrun starts in sessions
+    of their own) once `line` is printed, wait for the end."""
     process, seen = _launch(args, nproc), []
     for text in process.stdout:
         seen.append(text)
         if line in text:
-            os.killpg(process.pid, signum) if group else process.send_signal(signum)
+            workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+            for pid in [process.pid, *map(int, workers)] if tree else [process.pid]:
+                os.kill(pid, signum)
             break
     return _finish(process, seen)
 
@@ -189,9 +192,9 @@ def test_under_torchrun_sigterm_and_sigkill_mid_epoch_then_resume_equal_an_unint
     lines = [line for line in log.splitlines() if line.startswith("preempted at ")]
     assert len(lines) == 1 and "(SIGTERM)" in lines[0] and lines[0].endswith("continue with --resume")
     # SIGKILL to everything, mid-epoch
-    code, _ = _run_until([*HIDE, "--output_dir", str(killed)], "task 2 epoch 1/2 step 4/8", signal.SIGKILL, nproc=2,
-                         group=True)
-    assert code == -signal.SIGKILL
+    code, log = _run_until([*HIDE, "--output_dir", str(killed)], "task 2 epoch 1/2 step 4/8", signal.SIGKILL, nproc=2,
+                           tree=True)
+    assert code == -signal.SIGKILL and "preempted at" not in log  # no process lived on to say anything
     for out in (preempted, killed):
         assert (out / "checkpoint" / ROLLING).is_file()
         code, log = _run([*HIDE, "--output_dir", str(out), "--resume"], nproc=2)

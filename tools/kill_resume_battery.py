@@ -49,8 +49,9 @@ def launch(args: list[str], out: Path, nproc: int, resume: bool) -> subprocess.P
 
 def send(process: subprocess.Popen, kill: str, nproc: int) -> None:
     workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-    if kill == "sigkill-all":
-        os.killpg(process.pid, signal.SIGKILL)
+    if kill == "sigkill-all":  # torchrun starts its workers in sessions of their own: each gets its signal
+        for pid in [process.pid, *map(int, workers)]:
+            os.kill(pid, signal.SIGKILL)
     elif kill == "sigkill-worker" and nproc > 1 and workers:
         os.kill(int(random.choice(workers)), signal.SIGKILL)
     elif kill in ("sigkill-agent", "sigkill-worker"):
@@ -120,7 +121,8 @@ def trial(args: list[str], out: Path, nproc: int, duration: float, expected: Pat
     time.sleep(15 if orphans else 0)  # the workers of a dead agent stop on their own within seconds
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     entry = {"kill": kill, "delay": round(delay, 2), "exit": process.returncode, "orphans_after_15s": len(left),
-             "preempted_line": "preempted at" in err, "corrupt": not readable(out)}
+             "preempted_line": "preempted at" in err, "corrupt": not readable(out),
+             "mid_task": (out / "checkpoint" / "rolling_state.pth").is_file()}
     for pid in left:
         os.kill(int(pid), signal.SIGKILL)
     for _ in range(3):  # a launch can fail for reasons of its own (a port taken); a resume that fails is retried
@@ -160,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(entry), flush=True)
     counts = Counter(e["kill"] for e in results)
     bad = [e for e in results if e["corrupt"] or e["difference"] or e["orphans_after_15s"]]
-    print(f"{len(results)} kills ({dict(counts)}): {sum(e['corrupt'] for e in results)} with a corrupt file, "
+    print(f"{len(results)} kills ({dict(counts)}; {sum(e['mid_task'] for e in results)} left a task half done, "
+          f"resumed from its rolling state): {sum(e['corrupt'] for e in results)} with a corrupt file, "
           f"{sum(bool(e['difference']) for e in results)} ending different from the uninterrupted run, "
           f"{sum(len(e.get('resume_errors', [])) for e in results)} failed resume launches, "
           f"{sum(e['orphans_after_15s'] > 0 for e in results)} with processes left after 15 s")
