@@ -8,7 +8,9 @@ Every flag other than --images, --repeats and --json is a main.py flag, resolved
 here `--epochs` (and HiDe's `--tii_epochs`) default to 2 and `--pretrained` to False (weights make no difference to
 speed). Each row is one training phase of
 the method (HiDe: tii, wtp). "with" includes everything the rolling state adds: the non-finite check, gathering the
-RNG states, the copies, and waiting for the previous background write (and the last one). CPU numbers are only
+RNG states, the copies, and waiting for the previous background write (and the last one); "waited" is that time
+alone, per epoch and as a share of the epoch without it (the difference of two epoch times is noisier than the cost
+when the cost is small). CPU numbers are only
 meaningful on an otherwise idle machine; the header shows the 1-minute load average. One untimed run per phase
 comes first.
 """
@@ -68,38 +70,61 @@ class WithoutRollingState(engine.TaskInProgress):
         """Nothing: the run as it was before rolling states."""
 
 
+class TimedRollingState(engine.TaskInProgress):
+    """The real rolling state, with the time the training waits for it (checks, copies, the previous write)."""
+
+    blocked = 0.0
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        super().save(*args, **kwargs)
+        self.blocked += time.perf_counter() - start
+
+
 def time_phase(method: ContinualMethod, scenario: Scenario, phase: str, ctx: DistContext, with_state: bool,
-               output_dir: Path) -> float:
-    """Seconds per epoch of `phase` on task 1, the last background write included."""
+               output_dir: Path) -> tuple[float, float]:
+    """(seconds per epoch of `phase` on task 1, of which the training waited for the rolling state), the last
+    background write included."""
     phase_cfg = method.set_phase(phase)
     writer = RollingWriter(output_dir)
-    kind = engine.TaskInProgress if with_state else WithoutRollingState
+    kind = TimedRollingState if with_state else WithoutRollingState
     record = engine.RunRecord(phase_cfg, scenario, output_dir, tensorboard=False)
     task = kind(0, method, phase_cfg, {}, writer, record)
     start = time.perf_counter()
     engine.train_task(method, scenario, phase_cfg, ctx, task, phase)
+    waited = time.perf_counter()
     writer.wait()
-    return (time.perf_counter() - start) / phase_cfg.optim.epochs
+    end = time.perf_counter()
+    blocked = task.blocked + end - waited if with_state else 0.0
+    return (end - start) / phase_cfg.optim.epochs, blocked / phase_cfg.optim.epochs
 
 
 def measure(method: ContinualMethod, scenario: Scenario, phase: str, ctx: DistContext, repeats: int,
             output_dir: Path) -> dict[str, Any]:
     times: dict[bool, list[float]] = {False: [], True: []}
+    blocked: list[float] = []
     time_phase(method, scenario, phase, ctx, True, output_dir)  # warm-up: allocator, caches, first-call costs
     for r in range(repeats):
         for with_state in ((False, True) if r % 2 == 0 else (True, False)):
-            times[with_state].append(time_phase(method, scenario, phase, ctx, with_state, output_dir))
+            seconds, waited = time_phase(method, scenario, phase, ctx, with_state, output_dir)
+            times[with_state].append(seconds)
+            if with_state:
+                blocked.append(waited)
     without, with_state = statistics.median(times[False]), statistics.median(times[True])
     size = rolling_state_path(output_dir).stat().st_size
     return {"phase": phase, "state_mb": size / 2**20, "epoch_seconds_without": without,
-            "epoch_seconds_with": with_state, "overhead_percent": 100.0 * (with_state - without) / without}
+            "epoch_seconds_with": with_state, "overhead_percent": 100.0 * (with_state - without) / without,
+            "blocked_seconds_per_epoch": statistics.median(blocked),
+            "blocked_percent": 100.0 * statistics.median(blocked) / without}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'phase':6} {'state MB':>9} {'epoch s (without)':>18} {'epoch s (with)':>15} {'overhead':>9}"]
+    lines = [f"{'phase':6} {'state MB':>9} {'epoch s (without)':>18} {'epoch s (with)':>15} {'difference':>11} "
+             f"{'waited s':>9} {'waited':>8}"]
     for row in rows:
         lines.append(f"{row['phase']:6} {row['state_mb']:9.2f} {row['epoch_seconds_without']:18.3f} "
-                     f"{row['epoch_seconds_with']:15.3f} {row['overhead_percent']:8.2f}%")
+                     f"{row['epoch_seconds_with']:15.3f} {row['overhead_percent']:10.2f}% "
+                     f"{row['blocked_seconds_per_epoch']:9.4f} {row['blocked_percent']:7.2f}%")
     return "\n".join(lines)
 
 

@@ -73,4 +73,5 @@ def test_rolling_state_benchmark_times_both_variants_per_phase_and_sizes_the_sta
         assert row["epoch_seconds_without"] > 0 and row["epoch_seconds_with"] > 0 and row["state_mb"] > 0.1
         expected = 100 * (row["epoch_seconds_with"] - row["epoch_seconds_without"]) / row["epoch_seconds_without"]
         assert abs(row["overhead_percent"] - expected) < 1e-9
-    assert "overhead" in capsys.readouterr().out
+        assert 0 < row["blocked_seconds_per_epoch"] < row["epoch_seconds_with"]
+    assert "waited" in capsys.readouterr().out
