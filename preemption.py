@@ -41,11 +41,6 @@ def request(reason: str) -> None:
         _reason = reason
 
 
-def requested() -> str | None:
-    """Why this process was asked to stop, or None."""
-    return _reason
-
-
 def clear() -> None:
     """Forget a request (a new run in the same process, as tests make)."""
     global _reason
