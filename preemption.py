@@ -19,7 +19,7 @@ from types import FrameType
 
 import torch
 
-from utils import all_reduce_sum
+from utils import all_gather_objects, all_reduce_sum
 
 EXIT_CODE = 75  # EX_TEMPFAIL: a temporary failure, the job may be retried (requeued) as it is
 SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -97,9 +97,10 @@ def flag_tensor(device: torch.device) -> torch.Tensor:
 
 
 def preempted(where: str, saved: str) -> Preempted:
-    """The stop every rank agreed on (`where`: what was running; `saved`: what a resume continues from)."""
-    return Preempted(f"preempted at {where} ({_reason or 'another process was asked to stop'}); {saved}: "
-                     f"continue with --resume")
+    """The stop every rank agreed on (`where`: what was running; `saved`: what a resume continues from). Every rank
+    calls it: the line names the first rank's reason, also where rank 0 itself was not asked (yet)."""
+    reason = next(r for r in [_reason, *all_gather_objects(_reason), "a stop was asked"] if r is not None)
+    return Preempted(f"preempted at {where} ({reason}); {saved}: continue with --resume")
 
 
 def stop_if_requested(device: torch.device, where: str, saved: str) -> None:

@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from config.resolved import Config
 from run_files import check_same_settings, checkpoint_path, load_checkpoint
-from utils import atomic_torch_save, get_rank, get_world_size, is_dist, is_main_process, log
+from utils import all_gather_objects, atomic_torch_save, get_rank, is_main_process, log
 
 FILENAME = "rolling_state.pth"
 
@@ -42,12 +41,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def gather_rng() -> list[dict[str, Any]]:
     """Every rank's RNG states, in rank order (a collective: every rank calls it)."""
-    mine = capture_rng()
-    if not is_dist():
-        return [mine]
-    states: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(states, mine)
-    return states
+    return all_gather_objects(capture_rng())
 
 
 def snapshot(obj: Any) -> Any:

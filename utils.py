@@ -147,6 +147,15 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
             dist.broadcast(tensor, src=src)
 
 
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order (picklable objects; a collective)."""
+    if not is_dist():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     if not is_dist():
         return obj
