@@ -5,7 +5,6 @@ task, then log and checkpoint.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,14 @@ from rolling_state import (
     rolling_state_path,
     snapshot,
 )
-from run_files import check_same_experiment, check_same_settings, checkpoint_path, completed_tasks, load_checkpoint
+from run_files import (
+    check_same_experiment,
+    check_same_settings,
+    checkpoint_path,
+    completed_tasks,
+    load_checkpoint,
+    read_run_json,
+)
 from utils import (
     DistContext,
     UserError,
@@ -185,11 +191,12 @@ class TaskInProgress:
             "rng": rng, "phases": self.phases, "train": train, "config": self.record.config}))
 
 
-def _checkpoint_step(totals: torch.Tensor, ctx: DistContext, task: TaskInProgress, phase: str,
+def _checkpoint_step(totals: torch.Tensor, images: int, ctx: DistContext, task: TaskInProgress, phase: str,
                      at: str) -> tuple[list[float], bool]:
     """One all-reduce of the running totals and the preemption flags: ([loss sum, correct, images] over all ranks,
     whether any rank was asked to stop). A non-finite loss anywhere stops every rank here; an exploding one warns."""
-    *reduced, stop = all_reduce_sum(torch.cat([totals, preemption.flag_tensor(ctx.device)])).tolist()
+    local = torch.cat([totals, totals.new_tensor([float(images)]), preemption.flag_tensor(ctx.device)])
+    *reduced, stop = all_reduce_sum(local).tolist()
     check_loss(reduced[0], "training", at, task.fix(phase))
     task.watch(phase).update(reduced[0] / reduced[2], at)
     return reduced, stop > 0
@@ -203,7 +210,8 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
     method.train()
     t = task.t
     params = [p for p in method.parameters() if p.requires_grad]
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, images
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # loss sum, correct
+    images_seen = 0
     mask = method.train_mask(t)
     progress = Progress(len(loader), f"task {t + 1} epoch {epoch + 1}/{cfg.optim.epochs}", cfg.run.print_freq)
     start = time.perf_counter()
@@ -215,14 +223,14 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
             loss, logits = model(images, targets, t)
         optimizer_step(loss, optimizer, scaler, params, cfg.optim.clip_grad)
         totals += torch.stack([loss.detach().double() * len(targets),
-                               (_masked(logits, mask).argmax(1) == targets).sum().double(),
-                               totals.new_tensor(float(len(targets)))])
+                               (_masked(logits, mask).argmax(1) == targets).sum().double()])
+        images_seen += len(targets)
         report = step % progress.print_freq == 0 or step == len(loader)
         if not report and task.watch(phase).first is not None:
             progress.update(step, {})
             continue
         at = task.where(phase, f" epoch {epoch + 1}/{cfg.optim.epochs} step {step}/{len(loader)}")
-        reduced, stop = _checkpoint_step(totals, ctx, task, phase, at)
+        reduced, stop = _checkpoint_step(totals, images_seen, ctx, task, phase, at)
         if stop and step < len(loader):  # at the last step the epoch ends and is saved first
             raise preemption.preempted(at, task.saved)
         loss_sum, correct, seen = reduced
@@ -447,13 +455,6 @@ def _restore_optimizers(method: ContinualMethod, states: dict[str, Any], t: int)
     return optimizers
 
 
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path} ({err}); delete it to start the run afresh") from err
-
-
 def _resume(method: ContinualMethod, cfg: Config, record: RunRecord,
             num_tasks: int) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
     """With --resume: the tasks already done (their last checkpoint loaded into `method` and `record`), the optimizers
@@ -473,7 +474,7 @@ def _resume(method: ContinualMethod, cfg: Config, record: RunRecord,
     if rolling is not None and not start:
         record.config = rolling["config"]
     elif cfg.run.resume and not start and (output_dir / "config.json").is_file():  # stopped before any epoch ended
-        record.config = _read_config(output_dir / "config.json")
+        record.config = read_run_json(output_dir / "config.json", "delete it to start the run afresh")
         check_same_settings(record.config, cfg)
     return start, optimizers, rolling
 

@@ -17,7 +17,6 @@ and `--resume` continues it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from models.base import create_backbone_from
 from models.few_shot_lora import VANILLA_HINT, SharedLoRA
 from models.lora import forward_lora
 from models.vit import freeze
-from run_files import check_output_dir, check_run_complete, check_same_experiment, lock_output_dir
+from run_files import check_output_dir, check_run_complete, check_same_experiment, lock_output_dir, read_run_json
 from utils import (
     DistContext,
     UserError,
@@ -279,7 +278,7 @@ def run_episodes(cfg: Config, member: Benchmark, scenario: Scenario, ctx: DistCo
     path = results_path(cfg)
     episodes: list[dict[str, Any]] = []
     if cfg.run.resume and path.is_file():
-        saved = _read_results(path)
+        saved = read_run_json(path, "delete it to start the episodes afresh")
         check_same_experiment(saved.get("config", {}), cfg, path, EPISODE_KEYS)
         episodes = saved["episodes"][: fs.num_episodes]
     sampler = EpisodeSampler(member, fs.few_class_idx, fs.num_ways, fs.num_shots, fs.num_queries, cfg.run.seed)
@@ -318,10 +317,3 @@ def _results(cfg: Config, member: Benchmark, episodes: list[dict[str, Any]]) -> 
             "num_ways": fs.num_ways, "num_shots": fs.num_shots, "classes": fs.few_class_idx,
             "summary": metrics.episode_summary([e["accuracy"] for e in episodes]), "episodes": episodes,
             "config": config_to_dict(cfg)}
-
-
-def _read_results(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read {path} ({type(err).__name__}); delete it to start the episodes afresh") from err

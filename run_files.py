@@ -87,6 +87,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                         f"delete it to retrain that task") from err
 
 
+def read_run_json(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON file of a run (config, results), or one line naming it and `fix`."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({type(err).__name__}: {err}); {fix}") from err
+
+
 def check_same_experiment(saved: dict[str, Any], cfg: Config, path: Path,
                           keys: Sequence[str] = EXPERIMENT_KEYS) -> None:
     """`saved` (a saved config, any layout) and `cfg` agree on `keys`, the settings that define what `path` holds.
