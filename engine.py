@@ -45,11 +45,13 @@ from utils import (
     all_reduce_sum,
     atomic_torch_save,
     atomic_write_json,
+    broadcast_object,
     is_main_process,
     log,
     maybe_autocast,
     remove_stale_temporaries,
     seed_everything,
+    seed_rank_streams,
 )
 
 
@@ -244,6 +246,16 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
             "images": seen, "seconds": seconds, "images_per_second": seen / seconds}
 
 
+def wrap_for_training(method: ContinualMethod, ctx: DistContext) -> torch.nn.Module:
+    """DDP under a process group (re-wrapped per task: the trainable set may change between tasks, e.g. fix).
+    Buffers are not broadcast each step: class statistics, masks and maps are identical on every rank by
+    construction (HiDe's statistics alone would be 23 MiB per step, 902 MiB with full covariances)."""
+    if not ctx.distributed:
+        return method
+    return DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                   find_unused_parameters=method.find_unused_parameters, broadcast_buffers=False)
+
+
 def train_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext,
                task: TaskInProgress, phase: str) -> tuple[torch.optim.Optimizer | None, dict[str, float]]:
     """Train `phase` of the task (from where its rolling state left it); a rolling state after every epoch."""
@@ -254,12 +266,10 @@ def train_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: Di
     if optimizer is None or cfg.optim.reinit_optimizer:
         optimizer = create_optimizer(param_groups, cfg)
     scheduler = create_scheduler(optimizer, cfg)
-    model: torch.nn.Module = method
-    if ctx.distributed:  # re-wrapped per task: the trainable set may change between tasks (e.g. fix)
-        model = DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                        find_unused_parameters=method.find_unused_parameters)
+    model = wrap_for_training(method, ctx)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.run.amp == "fp16")
     loader = scenario.train_loader(t)
+    seed_rank_streams(cfg.run.seed, t, method.phases.index(phase))
     done = task.restore(phase, optimizer, scheduler, scaler)
     train = {k: v for k, v in done.items() if k != "epoch"}
     for epoch in range(int(done["epoch"]), cfg.optim.epochs):
@@ -460,7 +470,8 @@ def _resume(method: ContinualMethod, cfg: Config, record: RunRecord,
     """With --resume: the tasks already done (their last checkpoint loaded into `method` and `record`), the optimizers
     that carry over between tasks, and the rolling state of the task in progress (None: it starts afresh)."""
     output_dir = Path(cfg.run.output_dir)
-    start = completed_tasks(output_dir, num_tasks) if cfg.run.resume else 0
+    # rank 0 decides, so that every rank starts at the same task whatever it sees on disk
+    start = broadcast_object(completed_tasks(output_dir, num_tasks) if cfg.run.resume and is_main_process() else 0)
     optimizers: dict[str, Any] = {}
     if start:
         saved = restore_task(method, cfg, start - 1)

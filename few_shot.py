@@ -48,10 +48,10 @@ from utils import (
     UserError,
     all_gather_rows,
     atomic_write_json,
-    barrier,
     is_main_process,
     log,
     maybe_autocast,
+    run_on_main_only,
     seed_everything,
 )
 
@@ -99,6 +99,11 @@ def check_plan(cfg: Config, scenario: Scenario) -> None:
         if switch:
             part_dir = upstream_config(cfg, part).run.output_dir
             check_output_dir(part_dir, num_tasks, cfg.run.eval, cfg.run.resume, f"--{part}_model_output_dir")
+    run_on_main_only(lambda: _check_inputs(cfg, num_tasks))  # rank 0 decides for every rank
+
+
+def _check_inputs(cfg: Config, num_tasks: int) -> None:
+    fs = cfg.group(FewShotSettings)
     if fs.train_few_shot:
         path = results_path(cfg)
         if path.exists() and not cfg.run.resume:
@@ -124,7 +129,6 @@ def run(cfg: Config, ctx: DistContext) -> int:
     scenario = build_upstream_scenario(list(fs.continual_classes_per_dataset), list(fs.tasks_per_dataset),
                                        cfg.data.shuffle, cfg.run.seed, list(fs.datasets))
     check_plan(cfg, scenario)
-    barrier()  # every rank has checked the folders before rank 0 writes into them
     lock_folders(cfg, create=False)  # folders in use stop a second launch here, at once
 
     # the upstream runs read every dataset, the episodes only theirs

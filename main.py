@@ -23,7 +23,6 @@ from run_files import check_output_dir, lock_output_dir, release_output_dirs
 from utils import (
     AbortedOnOtherRank,
     UserError,
-    barrier,
     cleanup_distributed,
     init_distributed,
     is_main_process,
@@ -103,7 +102,6 @@ def _run(cfg: Config) -> int:
     build_scenario(data.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset)
     check_weight_files(cfg)
     check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume)
-    barrier()  # every rank has looked at output_dir before rank 0 writes into it
     lock_output_dir(cfg.run.output_dir, create=False)  # a folder in use stops a second launch here, at once
 
     seed_everything(cfg.run.seed)

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,15 @@ from typing import Any
 import torch
 
 from config.resolved import Config, config_to_dict, differing_settings, flat_settings
-from utils import UserError, run_on_main_only, warn
+from utils import (
+    UserError,
+    all_gather_objects,
+    broadcast_object,
+    is_dist,
+    is_main_process,
+    run_on_main_only,
+    warn,
+)
 
 # The file rank 0 holds an exclusive flock on while a run writes in its folder. It is never deleted: a process that
 # deleted it could let two later runs lock two different files of the same name.
@@ -47,8 +56,12 @@ def completed_tasks(output_dir: str | Path, num_tasks: int) -> int:
 def check_output_dir(output_dir: str, num_tasks: int, evaluating: bool, resuming: bool,
                      flag: str = "--output_dir") -> None:
     """Refuse, before anything is written, to overwrite a run, to write where we cannot, or to evaluate nothing
-    (`flag` names the option that chose `output_dir`)."""
-    out = Path(output_dir)
+    (`flag` names the option that chose `output_dir`). Rank 0 decides for every rank: another node may not see the
+    folder (`lock_output_dir` then says so)."""
+    run_on_main_only(lambda: _check_output_dir(Path(output_dir), num_tasks, evaluating, resuming, flag))
+
+
+def _check_output_dir(out: Path, num_tasks: int, evaluating: bool, resuming: bool, flag: str) -> None:
     if evaluating:
         missing = [str(checkpoint_path(out, t)) for t in range(num_tasks) if not checkpoint_path(out, t).is_file()]
         if missing:
@@ -149,6 +162,51 @@ def lock_output_dir(output_dir: str | Path, flag: str = "--output_dir", create: 
     have made it, so lock an existing folder as soon as it is checked (a second launch stops at once) and any
     folder again right before the first write (once is enough: a folder locked already is kept)."""
     run_on_main_only(lambda: _lock(Path(output_dir), flag, create))
+    if create:
+        _check_shared(Path(output_dir), flag)
+
+
+# How long a rank waits to see the lock record rank 0 wrote (a network file system may show it a little later)
+SHARED_WAIT_SECONDS = 10.0
+
+
+def _check_shared(folder: Path, flag: str) -> None:
+    """Every rank sees the lock record rank 0 wrote in `folder`: rank 0 alone writes checkpoints that every rank
+    reads on --resume, --eval and in HiDe's stage 2, so a folder local to each node would desynchronise the ranks."""
+    if not is_dist():
+        return
+    expected = broadcast_object(_own_record(folder) if is_main_process() else None)
+    if expected is None:  # rank 0 could not lock the folder, and warned
+        return
+    deadline = time.monotonic() + SHARED_WAIT_SECONDS
+    seen = is_main_process() or _record_in(folder) == expected
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        seen = _record_in(folder) == expected
+    blind = [(rank, host) for rank, (ok, host) in enumerate(all_gather_objects((seen, socket.gethostname())))
+             if not ok]
+    if blind:
+        ranks = ", ".join(str(rank) for rank, _ in blind)
+        hosts = ", ".join(sorted({host for _, host in blind}))
+        raise UserError(f"{flag} {folder} must be on a file system shared by all nodes: rank(s) {ranks} (on "
+                        f"{hosts}) do not see the files rank 0 writes there; use a folder every node mounts")
+
+
+def _own_record(folder: Path) -> bytes | None:
+    fd = _held.get(folder.resolve())
+    if fd is None:
+        return None
+    try:
+        return os.pread(fd, 4096, 0) or None
+    except OSError:
+        return None
+
+
+def _record_in(folder: Path) -> bytes | None:
+    try:
+        return (folder / LOCK_FILE).read_bytes()
+    except OSError:
+        return None
 
 
 def release_output_dirs() -> None:
@@ -193,6 +251,7 @@ def _write_holder(fd: int) -> None:
         if os.pread(fd, len(record) + 1, 0) != record:
             os.ftruncate(fd, 0)
             os.pwrite(fd, record, 0)
+            os.fsync(fd)  # the file stays open: without this a network file system may show other nodes nothing
     except OSError:  # the lock holds without its record: a refused launch then names no holder
         pass
 

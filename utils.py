@@ -5,6 +5,7 @@ Every helper here works the same with or without a process group, so single-proc
 from __future__ import annotations
 
 import datetime
+import fcntl
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,7 +47,8 @@ class DistContext:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """A process group exists (a launcher started this process, even as the only one)."""
+        return is_dist()
 
 
 def _slurm_master_addr() -> str:
@@ -67,33 +69,63 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def launcher_ranks(local_rank_arg: int | None = None) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) as torchrun, `torch.distributed.launch` (with or without --use_env) or `srun`
+    set them; None for a plain process. Only srun sets SLURM_STEP_NUM_TASKS: a plain `python main.py` inside an
+    sbatch/salloc allocation of several tasks sees SLURM_NTASKS and SLURM_PROCID too, and runs as one process."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local = env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0)
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(local)
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    return None
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """This process's GPU: the local rank modulo the GPUs it sees, as with one GPU per task (`--gpus-per-task=1`)
+    each of a node's tasks sees its own GPU as cuda:0."""
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+# How long the ranks wait for data preparation (downloads of several GB, extraction, split files) before they give
+# up: it has its own process group, so the collectives' --dist_timeout need not cover a first run's downloads.
+PREPARATION_TIMEOUT = datetime.timedelta(hours=6)
+
+
+@dataclass
+class _ProcessGroups:
+    local_rank: int = 0
+    preparation: Any = None  # a gloo group with PREPARATION_TIMEOUT
+
+
+_groups = _ProcessGroups()
+
+
 def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank_arg: int | None = None,
                      timeout_minutes: float = 30.0) -> DistContext:
-    """Initialise from torchrun / `torch.distributed.launch` (with or without --use_env) / SLURM, or run as one
-    plain process when none of them set the environment. NCCL on GPU, gloo on CPU. A collective that waits longer
-    than `timeout_minutes` for another process raises instead of hanging."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun and launch (both set these, --use_env or not)
-        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local_rank = int(env.get("LOCAL_RANK", local_rank_arg if local_rank_arg is not None else 0))
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local_rank = int(env.get("SLURM_LOCALID", 0))
-        if dist_url == "env://":
-            env.setdefault("MASTER_ADDR", _slurm_master_addr())
-            env.setdefault("MASTER_PORT", "29500")
-            env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world_size), str(local_rank)
-    else:
+    """Initialise from torchrun / `torch.distributed.launch` / srun, or run as one plain process when none of them
+    set the environment. NCCL on GPU, gloo on CPU; a launcher's single process gets a process group too, so it runs
+    the code of N processes. A collective that waits longer than `timeout_minutes` for another process raises
+    instead of hanging."""
+    ranks = launcher_ranks(local_rank_arg)
+    if ranks is None:
         return DistContext(device=resolve_device(device))
-
-    dev = resolve_device(device)
+    rank, world_size, local_rank = ranks
+    if "RANK" not in os.environ and dist_url == "env://":  # srun: torch's env:// reads these
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
+    dev = rank_device(resolve_device(device), local_rank)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-    if world_size > 1:
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method=dist_url, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method=dist_url, rank=rank,
+                            world_size=world_size, timeout=timeout)
+    _groups.local_rank = local_rank
+    _groups.preparation = dist.new_group(backend="gloo", timeout=max(PREPARATION_TIMEOUT, timeout))
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
@@ -147,12 +179,12 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
             dist.broadcast(tensor, src=src)
 
 
-def all_gather_objects(obj: T) -> list[T]:
-    """Every rank's `obj`, in rank order (picklable objects; a collective)."""
+def all_gather_objects(obj: T, group: Any = None) -> list[T]:
+    """Every rank's `obj`, in rank order (picklable objects; a collective of `group`, by default every rank)."""
     if not is_dist():
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 
@@ -182,12 +214,61 @@ def run_on_main_only(fn: Callable[[], T]) -> T | None:
     return result
 
 
-def run_on_main_first(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 first (downloads, split files), then on the other ranks, which then find its output on
-    disk. If rank 0 fails, every rank stops instead of waiting at a barrier forever."""
-    result = run_on_main_only(fn)
-    if not is_main_process():
-        result = fn()
+@contextmanager
+def _preparation_lock(folder: Path, create: bool) -> Iterator[None]:
+    """An exclusive lock on `folder` (made first when `create`), so that the nodes that share a data folder take
+    turns and the later ones find the data in place. No lock where the folder is absent and not to be made, is
+    read-only or has no flock: the preparation then runs unlocked, as it would on a single node."""
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / PREPARATION_LOCK, "a")  # noqa: SIM115 (held across the yield)
+    except OSError:
+        yield
+        return
+    with lock:
+        with suppress(OSError):  # no flock on this file system
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _prepare(fn: Callable[[], T], folder: Path, create: bool) -> tuple[T | None, str | None]:
+    """`fn`'s result, or the message of its UserError."""
+    try:
+        with _preparation_lock(folder, create):
+            return fn(), None
+    except UserError as err:
+        return None, str(err)
+
+
+def _stop_if_any_failed(errors: list[str | None]) -> None:
+    """Every rank stops when one failed; rank 0 says which one and why."""
+    failed = [(rank, error) for rank, error in enumerate(errors) if error is not None]
+    if not failed:
+        return
+    rank, error = failed[0]
+    if is_main_process():
+        raise UserError(error if rank == 0 else f"{error} (on rank {rank})")
+    raise AbortedOnOtherRank(f"rank {rank} failed")
+
+
+# the file in a data folder locked while a process downloads or extracts into it
+PREPARATION_LOCK = ".prepare.lock"
+
+
+def prepare_once_per_node(folder: str | Path, fn: Callable[[], T], create: bool = False) -> T:
+    """Run `fn` (downloads, extraction, split files into `folder`; `create`: it may make the folder) on the first
+    process of each node, then on the others, which find its output on disk. The others wait in a process group of
+    their own with a timeout of hours, so a first run's downloads never trip --dist_timeout; if any process fails,
+    every one stops."""
+    if not is_dist():
+        return fn()
+    local_first = _groups.local_rank == 0
+    result, error = _prepare(fn, Path(folder), create) if local_first else (None, None)
+    _stop_if_any_failed(all_gather_objects(error, group=_groups.preparation))
+    if not local_first:
+        result, error = _prepare(fn, Path(folder), create)
+    _stop_if_any_failed(all_gather_objects(error, group=_groups.preparation))
     return result  # type: ignore[return-value]
 
 
@@ -245,6 +326,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_rank_streams(seed: int, *keys: int) -> None:
+    """Give each rank its own random streams for what must differ between ranks: augmentation, dropout, drop-path,
+    and the DataLoader workers' seeds, which the loader draws from them each epoch. Rank 0 keeps its streams, so a
+    single process draws what it always did; rank r > 0 reseeds from (seed, *keys, r). Call it after what must agree
+    across ranks (initialisation) is drawn."""
+    rank = get_rank()
+    if rank:
+        seed_everything(int(np.random.SeedSequence([seed, *keys, rank]).generate_state(1)[0]))
 
 
 _UMASK = os.umask(0)

@@ -63,7 +63,11 @@ def extract_folder_from_tar(archive: Path, folder_name: str, root: Path, source:
         if not extracted.is_dir():
             raise UserError(f"{archive} has no top-level {folder_name}/ folder; it is not the expected archive, "
                             f"get it from {source}")
-        if not final.exists():  # another process may have finished first: keep its copy
+        try:
             os.replace(extracted, final)
+        except OSError as err:  # another process (a node sharing the folder) renamed its copy into place first: keep it
+            if not final.is_dir():
+                raise UserError(f"cannot move the extracted {folder_name}/ to {final} ({err.strerror or err}); "
+                                f"remove what is there and run again") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

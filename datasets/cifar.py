@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, run_on_main_first
+from utils import UserError, prepare_once_per_node
 
 from .base import ArrayImages, Benchmark, TransformedDataset
 from .transforms import cifar_transforms
@@ -52,7 +52,7 @@ def _ensure_present(root: Path, download: bool) -> None:
 
 def load_cifar100(data_path: str, input_size: int, download: bool = True) -> Benchmark:
     root = Path(data_path)
-    run_on_main_first(lambda: _ensure_present(root, download))
+    prepare_once_per_node(root, lambda: _ensure_present(root, download), create=download)
     train_images, train_labels = read_cifar_pickle(root / CIFAR100_FOLDER / "train", "fine_labels",
                                                    CIFAR100_URL)
     test_images, test_labels = read_cifar_pickle(root / CIFAR100_FOLDER / "test", "fine_labels", CIFAR100_URL)

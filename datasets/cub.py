@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, run_on_main_first
+from utils import UserError, prepare_once_per_node
 
 from .archives import extract_folder_from_tar
 from .base import Benchmark, ImageFiles, TransformedDataset
@@ -86,7 +86,7 @@ def _read_split(folder: Path) -> tuple[list[str], np.ndarray, np.ndarray, int]:
 def load_cub200(data_path: str, input_size: int, download: bool = True) -> Benchmark:
     root = Path(data_path)
     folder = root / CUB_FOLDER
-    run_on_main_first(lambda: _ensure_present(root))
+    prepare_once_per_node(root, lambda: _ensure_present(root))
     relpaths, targets, is_train, num_classes = _read_split(folder)
     train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
     train_labels, test_labels = targets[train_idx], targets[test_idx]

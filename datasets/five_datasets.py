@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
-from utils import UserError, run_on_main_first
+from utils import UserError, prepare_once_per_node
 
 from .base import IMAGE_EXTENSIONS, ArrayImages, Benchmark, ImageFiles, TransformedDataset
 from .cifar import read_cifar_pickle
@@ -260,7 +260,7 @@ def _ensure_present(root: Path, download: bool) -> None:
 
 def load_five_datasets(data_path: str, input_size: int, download: bool = True) -> Benchmark:
     root = Path(data_path)
-    run_on_main_first(lambda: _ensure_present(root, download))
+    prepare_once_per_node(root, lambda: _ensure_present(root, download), create=download)
     splits: dict[str, list[TransformedDataset]] = {"train": [], "train_eval": [], "test": []}
     for i, member in enumerate(_members(root)):
         train_tf, test_tf = member.transforms(input_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, atomic_write_json, run_on_main_first, warn
+from utils import UserError, atomic_write_json, prepare_once_per_node, warn
 
 from .archives import extract_folder_from_tar
 from .base import IMAGE_EXTENSIONS, Benchmark, ImageFiles, TransformedDataset
@@ -115,8 +115,8 @@ def _load_or_create_split(folder: Path) -> dict:
 def load_imagenet_r(data_path: str, input_size: int, download: bool = True) -> Benchmark:
     root = Path(data_path)
     folder = root / IMAGENET_R_FOLDER
-    run_on_main_first(lambda: _ensure_present(root, download))
-    split = run_on_main_first(lambda: _load_or_create_split(folder))
+    prepare_once_per_node(root, lambda: _ensure_present(root, download), create=download)
+    split = prepare_once_per_node(root, lambda: _load_or_create_split(folder))
     train_paths = [item[0] for item in split["train"]]
     test_paths = [item[0] for item in split["test"]]
     train_labels = np.array([item[1] for item in split["train"]], dtype=np.int64)
