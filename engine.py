@@ -248,12 +248,12 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
 
 def wrap_for_training(method: ContinualMethod, ctx: DistContext) -> torch.nn.Module:
     """DDP under a process group (re-wrapped per task: the trainable set may change between tasks, e.g. fix).
-    Buffers are not broadcast each step: class statistics, masks and maps are identical on every rank by
-    construction (HiDe's statistics alone would be 23 MiB per step, 902 MiB with full covariances)."""
+    Buffers are synchronised once here, not at every step: class statistics, masks and maps are identical on every
+    rank by construction (HiDe's statistics alone would be 23 MiB per step, 902 MiB with full covariances)."""
     if not ctx.distributed:
         return method
     return DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                   find_unused_parameters=method.find_unused_parameters, broadcast_buffers=False)
+                                   find_unused_parameters=method.find_unused_parameters, forward_sync_buffers=False)
 
 
 def train_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext,

@@ -24,7 +24,7 @@ from timm.optim import list_optimizers
 
 from models import METHODS, ContinualMethod
 from models.backbones import format_backbone_table, resolve_backbone
-from utils import UserError, resolve_amp
+from utils import UserError, launcher_ranks, resolve_amp
 
 from .presets import ANY, SUBCOMMAND_SUFFIX_ALIASES, dataset_keys, own_dataset_keys, preset_values
 from .resolved import Config, RunContext
@@ -314,7 +314,8 @@ def _freeze(group: type, values: dict[str, Any]) -> Any:
 
 def _context(draft: Draft, cls: type[ContinualMethod], backbone: str, original: str | None,
              no_effect: list[str]) -> RunContext:
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    ranks = launcher_ranks()
+    world = ranks[1] if ranks else 1
     global_batch = draft.batch_size * world
     lr_scale = (draft.batch_size if draft.unscale_lr else global_batch) / 256.0
     return RunContext(world_size=world, global_batch_size=global_batch, lr_scale=lr_scale,

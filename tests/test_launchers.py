@@ -20,7 +20,8 @@ def test_slurm_two_tasks(tmp_path):
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
-                   SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+                   SLURM_STEP_NUM_TASKS="2", SLURM_JOB_NODELIST="127.0.0.1", MASTER_PORT=port,
+                   OMP_NUM_THREADS="1")
         procs.append(subprocess.Popen([sys.executable, *ARGS, "--output_dir", str(out)], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
