@@ -1,6 +1,7 @@
 """What changes with 8 GPUs and several nodes: how a process finds its rank and device (torchrun, srun, a plain
 process inside an allocation), per-rank random streams, data prepared once per node outside the collectives'
 timeout, race-free extraction, a folder every node must share, and DDP without buffer broadcasts."""
+import json
 import os
 import subprocess
 import sys
@@ -252,3 +253,42 @@ def test_an_output_folder_not_shared_by_every_rank_stops_the_run(tmp_path):
     assert [p.name for p in (tmp_path / "node0" / "out").iterdir()] == [".lock"]  # nothing of the run written
     assert not (tmp_path / "node1" / "out").exists()
 
+
+
+def _sbatch_launches(tmp_path, script: str) -> list[dict]:
+    """Run an sbatch example with fake `srun` and `scontrol`; each launch's argv and MASTER_ADDR, in order."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "launched.jsonl"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!{sys.executable}\nimport json, os, sys\nwith open({str(log)!r}, 'a') as f:\n"
+                                  f"    f.write(json.dumps({{'argv': sys.argv[1:], 'master': "
+                                  f"os.environ.get('MASTER_ADDR')}}) + '\\n')\n")
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu017\\ngpu018\\n'\n")
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu[017-018]",
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(REPO),
+           "OUTPUT_ROOT": "/shared/out", "DATA_PATH": "/shared/data", "SEED": "40"}
+    subprocess.run(["bash", f"training_script/{script}", "--print_freq", "50"], cwd=REPO, env=env, check=True,
+                   timeout=60)
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("script", ["slurm_srun.sbatch", "slurm_torchrun.sbatch"])
+def test_sbatch_examples_launch_both_hide_stages_on_two_nodes(tmp_path, script):
+    from config.cli import parse_args
+    from config.settings import HiDeSettings
+
+    stage1, stage2 = _sbatch_launches(tmp_path, script)
+    configs = [parse_args(launch["argv"][launch["argv"].index("main.py") + 1:]) for launch in (stage1, stage2)]
+    assert configs[0].run.output_dir == "/shared/out/cifar100_sup21k_multi_centroid_mlp_2_seed40"
+    assert configs[1].group(HiDeSettings).trained_original_model == configs[0].run.output_dir
+    for cfg in configs:
+        assert cfg.run.resume and cfg.run.seed == 40 and cfg.data.data_path == "/shared/data"
+        assert cfg.run.print_freq == 50  # the script's arguments reach every launch
+    if script == "slurm_srun.sbatch":
+        assert stage1["argv"][:3] == ["--kill-on-bad-exit=1", "python", "main.py"]
+        assert stage1["master"] == "gpu017"
+    else:
+        assert stage1["argv"][:2] == ["--kill-on-bad-exit=1", "torchrun"]
+        assert {"--nnodes=2", "--nproc_per_node=8", "--rdzv_endpoint=gpu017:29500"} <= set(stage1["argv"])
+        assert "--rdzv_id=4242-stage1" in stage1["argv"] and "--rdzv_id=4242-stage2" in stage2["argv"]
