@@ -116,6 +116,7 @@ class SharedLoRA(ContinualMethod):
         self.lora = build_lora_pool(self.backbone, num_datasets, cfg.group(LoRASettings))
         self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
         task_datasets = scenario.task_datasets or [0] * scenario.num_tasks  # none given: one dataset
+        self.task_dataset_list = list(task_datasets)  # what a training step reads: a buffer would sync with the device
         self.register_buffer("task_dataset", torch.tensor(task_datasets), persistent=False)
         class_to_dataset = self.task_dataset[scenario.class_to_task]
         self.register_buffer("class_to_dataset", class_to_dataset, persistent=False)
@@ -153,7 +154,7 @@ class SharedLoRA(ContinualMethod):
                 {"params": list(self.head.parameters())}]
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.head(forward_lora(self.backbone, images, self.lora, int(self.task_dataset[t])))
+        logits = self.head(forward_lora(self.backbone, images, self.lora, self.task_dataset_list[t]))
         return masked_cross_entropy(logits, targets, self.train_mask(t)), logits
 
     @torch.no_grad()

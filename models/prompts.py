@@ -17,11 +17,14 @@ def batch_majority(idx: torch.Tensor, pool_size: int, top_k: int) -> torch.Tenso
     Ties and short lists follow the reference: unique ids in ascending order, padded up to the pool size with the
     smallest chosen id at count 0, then torch.topk on the counts.
     """
-    ids, counts = torch.unique(idx, return_counts=True, sorted=True)
-    if ids.numel() < pool_size:
-        pad = pool_size - ids.numel()
-        ids = torch.cat([ids, ids.new_full((pad,), int(idx.min()))])
-        counts = torch.cat([counts, counts.new_zeros(pad)])
+    flat = idx.flatten().long()  # scatter indices are int64
+    counts = torch.zeros(pool_size, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    # the reference's list, built without reading anything back to the host (torch.unique and bincount would): a
+    # stable sort puts the chosen ids first, then the others, both ascending; counts in that order are its counts
+    # followed by its count-0 padding, so torch.topk sees the same tensor and breaks ties the same way
+    order = torch.sort((counts == 0).to(torch.uint8), stable=True).indices
+    counts = counts[order]
+    ids = torch.where(counts > 0, order, order[0]).to(idx.dtype)  # padding stands for the smallest chosen id
     major = ids[torch.topk(counts, k=top_k).indices]
     return major.unsqueeze(0).expand(idx.shape[0], -1)
 

@@ -1,5 +1,7 @@
 """HiDe's building blocks: the MLP mapping, class statistics, pseudo-feature sampling, task-adaptive prediction and
 the contrastive regularisation, each against a direct computation."""
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,51 @@ def test_sampling_per_class_storage(storage):
         assert torch.allclose(draws.mean(0), stats.mean[c, 0], atol=0.05)
         expected = stats.cov[c] if storage == "covariance" else torch.diag(stats.var[c, 0])
         assert torch.allclose(torch.cov(draws.T), expected, atol=0.06)
+
+
+def _covariance_statistics(num_classes: int, dim: int, seed: int = 0) -> ClassStatistics:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(3 * dim)
+    scale = torch.rand(num_classes, dim, generator=gen) * 2 + 0.1  # a different spread per class and dimension
+    features = torch.randn(len(labels), dim, generator=gen) @ torch.randn(dim, dim, generator=gen) * scale[labels]
+    stats = ClassStatistics("covariance", num_classes, dim, 1)
+    stats.update(features + labels[:, None].float(), labels, list(range(num_classes)), seed=0)
+    return stats
+
+
+def test_covariance_sampling_equals_a_per_draw_computation_from_the_same_random_draws():
+    stats = _covariance_statistics(4, 6)
+    classes, per_component, count = [3, 0, 2, 1], 5, 13
+    z, labels = stats.sample(classes, per_component, count, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the draws it consumes: randperm of the slots, then the noise
+    slots = torch.randperm(len(classes) * per_component, generator=gen)[:count]
+    noise = torch.randn(count, 6, generator=gen)
+    expected_labels = torch.tensor(classes)[slots // per_component]
+    expected = torch.stack([stats.mean[c, 0] + torch.linalg.cholesky(stats.cov[c]) @ n
+                            for c, n in zip(expected_labels.tolist(), noise, strict=True)])
+    assert torch.equal(labels, expected_labels)
+    assert torch.allclose(z, expected, atol=1e-5, rtol=1e-5)
+
+
+def _peak_cpu_bytes(fn: Callable[[], object]) -> int:
+    """The most bytes the CPU allocator held during `fn()` beyond what it held before, from the profiler's
+    allocation and free events in time order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def test_covariance_sampling_memory_grows_with_the_classes_not_the_draws():
+    num_classes, dim, draws = 10, 64, 4000
+    stats = _covariance_statistics(num_classes, dim)
+    peak = _peak_cpu_bytes(lambda: stats.sample(list(range(num_classes)), 400, draws,
+                                                torch.Generator().manual_seed(0)))
+    assert peak >= draws * dim * 4  # the measurement sees at least the output
+    # 4 bytes x (4 x classes x d^2 + 6 x draws x d): 6.8 MB here, 2.3 GB at d=768, 200 classes, 21,600 draws
+    # (ImageNet-R's last task); a factor per draw holds draws x d^2 floats: 66 MB here, 47.5 GiB there
+    assert peak < 4 * (4 * num_classes * dim * dim + 6 * draws * dim), peak

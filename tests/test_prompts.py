@@ -43,6 +43,35 @@ def test_batch_majority_vote():
     assert pool.select(query, batchwise=False)[0].tolist() == [[2], [2], [0]]
 
 
+def _batch_majority_with_unique(idx: torch.Tensor, pool_size: int, top_k: int) -> torch.Tensor:
+    """The vote as first written, with torch.unique (which reads the number of ids back to the host)."""
+    ids, counts = torch.unique(idx, return_counts=True, sorted=True)
+    if ids.numel() < pool_size:
+        pad = pool_size - ids.numel()
+        ids = torch.cat([ids, ids.new_full((pad,), int(idx.min()))])
+        counts = torch.cat([counts, counts.new_zeros(pad)])
+    major = ids[torch.topk(counts, k=top_k).indices]
+    return major.unsqueeze(0).expand(idx.shape[0], -1)
+
+
+def test_batch_majority_returns_exactly_what_the_unique_based_vote_returns_ties_and_padding_included():
+    gen = torch.Generator().manual_seed(0)
+    cases = padded = 0
+    for pool_size in range(5, 11):
+        for top_k in range(1, 6):
+            for batch in range(1, 17):
+                draws = [torch.rand(batch, pool_size, generator=gen).argsort(1)[:, :top_k],  # as key matching
+                         torch.randint(pool_size, (batch, top_k), generator=gen),  # repeats within a row
+                         torch.randint(2, (batch, top_k), generator=gen) * (pool_size - 1),  # few ids: padding wins
+                         torch.full((batch, top_k), pool_size - 1)]
+                for idx in draws:
+                    expected = _batch_majority_with_unique(idx, pool_size, top_k)
+                    assert torch.equal(batch_majority(idx, pool_size, top_k), expected), (pool_size, top_k, idx)
+                    cases += 1
+                    padded += idx.unique().numel() < top_k  # topk then picks padding entries too
+    assert cases == 6 * 5 * 16 * 4 and padded > 500
+
+
 def test_training_mask_uses_slot_t():
     assert _pool(top_k=1).task_slots(2, batch=3).tolist() == [[2], [2], [2]]
     assert _pool(pool_size=8, top_k=2).task_slots(1, batch=1).tolist() == [[2, 3]]
