@@ -279,6 +279,8 @@ def cleanup_distributed(peers_lost: bool = False) -> None:
     in one line."""
     if not is_dist():
         return
+    global _groups
+    _groups = _ProcessGroups()  # its preparation group goes with the process group
     try:
         dist.destroy_process_group()
     except RuntimeError:

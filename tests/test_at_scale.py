@@ -160,6 +160,7 @@ seen = all_gather_objects({{"images": images.flatten()[:512].tolist(), "dropout"
                             "trained": trained.tolist(), "initial": initial.tolist()}})
 if ctx.rank == 0:
     json.dump(seen, open(out, "w"))
+del model  # DDP's reducer must go before its process group (main.py's goes with each task)
 cleanup_distributed()
 """
 
