@@ -38,7 +38,15 @@ def test_presets_layer_dataset_method_pair_and_command_line():
 
 
 def test_effective_lr_and_global_batch(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "8")
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "16")  # a plain process inside an allocation runs alone
+    assert parse_args(["cifar100_linear"]).global_batch_size == 24
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "16")  # srun's 16 tasks
+    assert parse_args(["cifar100_linear"]).global_batch_size == 384
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torchrun's
     cfg = parse_args(["cifar100_linear"])
     assert cfg.global_batch_size == 192 and cfg.effective_lr == pytest.approx(0.03 * 24 / 256)
     cfg = parse_args(["cifar100_linear", "--unscale_lr", "False"])
