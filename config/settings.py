@@ -45,8 +45,9 @@ class RunSettings(SettingsGroup):
                               "task checkpoints", flags=("--output_dir", "--output-dir"))
     device: str = setting("auto", "auto (CUDA when available), cuda or cpu")
     seed: int = setting(42, "seeds the class order (with --shuffle), initialisation and data order")
-    amp: str = setting("auto", "mixed precision; auto = bf16 on CUDA and on CPUs with native bf16, else fp32 (none); "
-                       "fp16 needs CUDA; none for fp32 parity with the reference",
+    amp: str = setting("auto", "mixed precision; auto = bf16 where it is native (GPUs of compute capability 8.0 or "
+                       "later, CPUs with AVX512-BF16/AMX), else fp32 (none); fp16 needs CUDA; none for fp32 parity "
+                       "with the reference",
                        choices=("auto", "none", "bf16", "fp16"))
     eval: bool = setting(False, "re-evaluate the task checkpoints in --output_dir, train nothing")
     resume: bool = setting(False, "continue a stopped run in --output_dir from its last finished task")
