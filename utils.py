@@ -429,3 +429,20 @@ def rank_cuda_index(device: str, local_rank_arg: int | None = None) -> int:
     ranks = launcher_ranks(local_rank_arg)
     return ranks[2] % max(torch.cuda.device_count(), 1) if ranks else 0
 
+
+# cuBLAS reads it when it creates its first handle: a workspace of this configuration makes its reductions repeatable
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """With `enabled`, every kernel torch picks from here on is deterministic, or raises naming the op that has none
+    (warn_only=False: a silently non-deterministic run would defeat the flag). Call it before any CUDA work:
+    CUBLAS_WORKSPACE_CONFIG is read when cuBLAS is first used, so in a process that already ran a matmul on the GPU
+    setting it may come too late, without an error (exporting it before the launch always works). A value already
+    set is kept: `:16:8` is deterministic too, with a smaller workspace."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

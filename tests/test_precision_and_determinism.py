@@ -1,10 +1,14 @@
-"""`--amp auto` asks about the GPU each rank will use without touching CUDA."""
+"""`--amp auto` asks about the GPU each rank will use without touching CUDA; `--deterministic` switches torch to
+deterministic kernels before the run does anything on a device."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 import utils
+from conftest import TINY, run_main
 
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID")
 
@@ -85,3 +89,45 @@ def test_auto_amp_without_a_visible_gpu_is_fp32_and_leaves_the_error_to_the_run(
     monkeypatch.setattr(torch.cuda, "get_device_capability", _forbidden)
     assert utils.resolve_amp("auto", "cuda") == "none"
 
+
+@pytest.fixture
+def restore_determinism():
+    """Deterministic mode is process-wide: put back what the test found."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    yield
+    enabled, warn_only, benchmark, deterministic, workspace = before
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = benchmark, deterministic
+    if workspace is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
+def test_deterministic_is_off_by_default_and_changes_nothing(restore_determinism):
+    torch.use_deterministic_algorithms(False)
+    utils.use_deterministic_algorithms(False)
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_deterministic_keeps_a_workspace_the_user_set(restore_determinism):
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    utils.use_deterministic_algorithms(True)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8" and torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.slow
+def test_deterministic_flag_applies_before_the_run_and_in_the_few_shot_flow(tmp_path, restore_determinism):
+    torch.use_deterministic_algorithms(False)
+    assert run_main("digits_ncm", *TINY, "--deterministic", "--output_dir", str(tmp_path / "ncm")) == 0
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+    torch.use_deterministic_algorithms(False)
+    assert run_main("digits_few_shot_lora", *TINY, "--deterministic", "--train_vanilla", "--epochs", "0",
+                    "--output_dir", str(tmp_path / "fs")) == 0
+    assert torch.are_deterministic_algorithms_enabled()
