@@ -29,6 +29,7 @@ from utils import (
     log,
     lost_contact_cause,
     seed_everything,
+    use_deterministic_algorithms,
     warn,
 )
 
@@ -92,6 +93,7 @@ def _log_run(cfg: Config, method, scenario, ctx) -> None:
 
 def _run(cfg: Config) -> int:
     ctx = init_distributed(cfg.run.device, cfg.dist.dist_url, cfg.dist.local_rank, cfg.dist.dist_timeout)
+    use_deterministic_algorithms(cfg.run.deterministic)  # before any CUDA work, for the few-shot flow too
     for flag in cfg.context.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
     if few_shot.is_flow(cfg):  # not one continual run but a flow of them (few_shot.py)

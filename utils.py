@@ -399,13 +399,19 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_amp(amp: str, device: str) -> str:
-    """`auto`: bf16 where the hardware runs it natively (CUDA with bf16, or a bf16-capable CPU), else fp32."""
+def resolve_amp(amp: str, device: str, local_rank_arg: int | None = None) -> str:
+    """`auto`: bf16 where the hardware runs it natively (a GPU of compute capability 8.0 or later, or a CPU with
+    AVX512-BF16/AMX), else fp32. Called at parse time, before the process picks its GPU, so it asks about the GPU
+    this rank will use and creates no CUDA context (`torch.cuda.is_bf16_supported()` makes a tensor on the current
+    device, a context of ~0.5 GB on cuda:0 in every rank, and counts emulated bf16 as supported)."""
     if amp != "auto":
         return amp
     on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if on_cuda:
-        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+        if not torch.cuda.is_available():
+            return "none"  # the run stops with its own error when it asks for the device
+        major, _ = torch.cuda.get_device_capability(rank_cuda_index(device, local_rank_arg))
+        return "bf16" if major >= 8 else "none"
     return "bf16" if cpu_has_native_bf16() else "none"
 
 
@@ -414,3 +420,31 @@ def maybe_autocast(device: torch.device, amp: str) -> Iterator[None]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
         yield
+
+
+def rank_cuda_index(device: str, local_rank_arg: int | None = None) -> int:
+    """The index of the GPU this process will run on, from the flag and the launcher's environment alone: `cuda:N`
+    as given, else the one `rank_device` picks (local rank modulo the visible GPUs; 0 for a plain process)."""
+    explicit = re.fullmatch(r"cuda:(\d+)", device)
+    if explicit:
+        return int(explicit.group(1))
+    ranks = launcher_ranks(local_rank_arg)
+    return ranks[2] % max(torch.cuda.device_count(), 1) if ranks else 0
+
+
+# cuBLAS reads it when it creates its first handle: a workspace of this configuration makes its reductions repeatable
+CUBLAS_DETERMINISTIC_WORKSPACE = ":4096:8"
+
+
+def use_deterministic_algorithms(enabled: bool) -> None:
+    """With `enabled`, every kernel torch picks from here on is deterministic, or raises naming the op that has none
+    (warn_only=False: a silently non-deterministic run would defeat the flag). Call it before any CUDA work:
+    CUBLAS_WORKSPACE_CONFIG is read when cuBLAS is first used, so in a process that already ran a matmul on the GPU
+    setting it may come too late, without an error (exporting it before the launch always works). A value already
+    set is kept: `:16:8` is deterministic too, with a smaller workspace."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True

@@ -281,7 +281,7 @@ def _check_common(draft: Draft, cls: type[ContinualMethod]) -> None:
     if draft.eval and draft.resume:
         raise UserError("--eval and --resume contradict each other: --eval re-evaluates a finished run, "
                         "--resume continues training; pass one of them")
-    draft.amp = resolve_amp(draft.amp, draft.device)
+    draft.amp = resolve_amp(draft.amp, draft.device, draft.local_rank)
     on_cuda = draft.device.startswith("cuda") or (draft.device == "auto" and torch.cuda.is_available())
     if draft.amp == "fp16" and not on_cuda:
         raise UserError("--amp fp16 needs CUDA; on CPU use --amp bf16 or --amp none")

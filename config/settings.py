@@ -45,9 +45,15 @@ class RunSettings(SettingsGroup):
                               "task checkpoints", flags=("--output_dir", "--output-dir"))
     device: str = setting("auto", "auto (CUDA when available), cuda or cpu")
     seed: int = setting(42, "seeds the class order (with --shuffle), initialisation and data order")
-    amp: str = setting("auto", "mixed precision; auto = bf16 on CUDA and on CPUs with native bf16, else fp32 (none); "
-                       "fp16 needs CUDA; none for fp32 parity with the reference",
+    amp: str = setting("auto", "mixed precision; auto = bf16 where it is native (GPUs of compute capability 8.0 or "
+                       "later, CPUs with AVX512-BF16/AMX), else fp32 (none); fp16 needs CUDA; none for fp32 parity "
+                       "with the reference",
                        choices=("auto", "none", "bf16", "fp16"))
+    deterministic: bool = setting(False, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN without "
+                                  "autotuning, cuBLAS workspace :4096:8): bitwise-repeatable CUDA runs on the same "
+                                  "GPU type, driver and libraries, a few % to ~30% slower depending on the ops (the "
+                                  "fused attention backward takes a deterministic kernel); an op without one stops "
+                                  "the run naming it. CPU runs repeat without it")
     eval: bool = setting(False, "re-evaluate the task checkpoints in --output_dir, train nothing")
     resume: bool = setting(False, "continue a stopped run in --output_dir from its last finished task")
     stop_after_task: int | None = setting(None, "stop after this many tasks (split a run over job time limits; "
