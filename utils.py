@@ -87,7 +87,11 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     each of a node's tasks sees its own GPU as cuda:0."""
     if device.type != "cuda" or device.index is not None:
         return device
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cuda", gpu_of_local_rank(local_rank))
+
+
+def gpu_of_local_rank(local_rank: int) -> int:
+    return local_rank % max(torch.cuda.device_count(), 1)
 
 
 # How long the ranks wait for data preparation (downloads of several GB, extraction, split files) before they give
@@ -429,7 +433,7 @@ def rank_cuda_index(device: str, local_rank_arg: int | None = None) -> int:
     if explicit:
         return int(explicit.group(1))
     ranks = launcher_ranks(local_rank_arg)
-    return ranks[2] % max(torch.cuda.device_count(), 1) if ranks else 0
+    return gpu_of_local_rank(ranks[2]) if ranks else 0
 
 
 # cuBLAS reads it when it creates its first handle: a workspace of this configuration makes its reductions repeatable
