@@ -103,6 +103,7 @@ def check_plan(cfg: Config, scenario: Scenario) -> None:
 
 
 def _check_inputs(cfg: Config, num_tasks: int) -> None:
+    """The flow's results file is new (or resumed) and every upstream run it reads but does not train is complete."""
     fs = cfg.group(FewShotSettings)
     if fs.train_few_shot:
         path = results_path(cfg)

@@ -231,26 +231,69 @@ def test_a_preparation_failing_on_another_rank_stops_every_rank_with_one_line(tm
     assert not (tmp_path / "out").exists()
 
 
+# main.py whose CIFAR-100 preparation takes a second and records when it ran
+TIMED_PREPARATION = """
+import json, os, sys, time
+sys.path.insert(0, {repo!r})
+import datasets.cifar as cifar
+prepare = cifar._ensure_present
+
+def timed(root, download):
+    start = time.time()
+    time.sleep(1)
+    result = prepare(root, download)
+    with open({log!r}, "a") as log:
+        log.write(json.dumps([os.environ["RANK"], start, time.time()]) + "\\n")
+    return result
+
+cifar._ensure_present = timed
+import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+def _two_nodes(tmp_path, args: list[str], script: str, cwds: tuple = ()) -> list[tuple[int, str]]:
+    """Two ranks started by hand as two nodes would start them: each the first (local rank 0) of its node."""
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen([sys.executable, script, *args], cwd=cwds[rank] if cwds else REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=180) for p in procs]
+    return [(p.returncode, err) for p, (_, err) in zip(procs, outputs, strict=True)]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nodes_sharing_a_data_folder_prepare_it_in_turn(tmp_path):
+    """The first process of each node prepares the data; on a shared data folder the lock makes them take turns."""
+    data, log = write_fake_cifar100(tmp_path / "data"), tmp_path / "prepared.jsonl"
+    script = tmp_path / "timed_main.py"
+    script.write_text(TIMED_PREPARATION.format(repo=str(REPO), log=str(log)))
+    args = ["cifar100_ncm", *TINY, "--data-path", str(data), "--num_tasks", "1", "--tensorboard", "False",
+            "--output_dir", str(tmp_path / "out")]
+    results = _two_nodes(tmp_path, args, str(script))
+    assert [code for code, _ in results] == [0, 0], results[0][1][-2000:]
+    first, second = sorted(json.loads(line)[1:] for line in log.read_text().splitlines())
+    assert second[0] >= first[1]  # one node's preparation ended before the other's began
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_an_output_folder_not_shared_by_every_rank_stops_the_run(tmp_path):
     """Two ranks in different working directories with a relative --output_dir: each sees a folder of its own, as
     two nodes would with a node-local disk."""
-    port, procs = str(free_port()), []
-    for rank in range(2):
-        cwd = tmp_path / f"node{rank}"
+    cwds = (tmp_path / "node0", tmp_path / "node1")
+    for cwd in cwds:
         cwd.mkdir()
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                   OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "main.py"), "digits_ncm", "--num_tasks", "1",
-                                       "--device", "cpu", "--output_dir", "out"], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [2, 2], outputs[0][1][-2000:]
-    errors = [line for line in outputs[0][1].splitlines() if line.startswith("error: ")]
+    results = _two_nodes(tmp_path, ["digits_ncm", "--num_tasks", "1", "--device", "cpu", "--output_dir", "out"],
+                         str(REPO / "main.py"), cwds)
+    assert [code for code, _ in results] == [2, 2], results[0][1][-2000:]
+    errors = [line for line in results[0][1].splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "must be on a file system shared by all nodes: rank(s) 1" in errors[0], errors
-    assert outputs[1][1].count("error: ") == 0  # rank 0 alone says it
+    assert results[1][1].count("error: ") == 0  # rank 0 alone says it
     assert [p.name for p in (tmp_path / "node0" / "out").iterdir()] == [".lock"]  # nothing of the run written
     assert not (tmp_path / "node1" / "out").exists()
 
