@@ -160,7 +160,8 @@ def run(cfg: Config, ctx: DistContext) -> int:
 def _run_upstream(part: str, cfg: Config, scenario: Scenario, ctx: DistContext) -> None:
     log(f"=== upstream {part} model -> {cfg.run.output_dir}")
     seed_everything(cfg.run.seed)
-    method = (METHODS["linear"] if part == "vanilla" else SharedLoRA)(cfg, scenario).to(ctx.device)
+    method = (METHODS["linear"] if part == "vanilla" else SharedLoRA)(cfg, scenario)
+    method.to_run_device(ctx.device, cfg.run.amp)
     if isinstance(method, SharedLoRA):
         method.check_vanilla_run()
     results = (engine.evaluate_checkpoints if cfg.run.eval else engine.run)(method, scenario, cfg, ctx)

@@ -113,7 +113,7 @@ def _run(cfg: Config) -> int:
     scenario = build_scenario(benchmark.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset,
                               benchmark=benchmark, loader=loader)
     seed_everything(cfg.run.seed)
-    method = create_method(cfg, scenario).to(ctx.device)
+    method = create_method(cfg, scenario).to_run_device(ctx.device, cfg.run.amp)
     _log_run(cfg, method, scenario, ctx)
     lock_output_dir(cfg.run.output_dir)  # a new folder: made only now, once every check passed, before any write
     if cfg.run.eval:

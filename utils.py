@@ -419,9 +419,13 @@ def resolve_amp(amp: str, device: str, local_rank_arg: int | None = None) -> str
     return "bf16" if cpu_has_native_bf16() else "none"
 
 
+# --amp -> the dtype autocast computes in (none: fp32, no autocast)
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 @contextmanager
 def maybe_autocast(device: torch.device, amp: str) -> Iterator[None]:
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    dtype = AMP_DTYPES.get(amp)
     with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
         yield
 

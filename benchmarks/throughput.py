@@ -36,7 +36,14 @@ from config.resolved import Config  # noqa: E402
 from datasets import build_scenario  # noqa: E402
 from models import create_method  # noqa: E402
 from models.base import ContinualMethod  # noqa: E402
-from utils import UserError, atomic_write_json, maybe_autocast, resolve_device, seed_everything  # noqa: E402
+from utils import (  # noqa: E402
+    AMP_DTYPES,
+    UserError,
+    atomic_write_json,
+    maybe_autocast,
+    resolve_device,
+    seed_everything,
+)
 
 
 @contextmanager
@@ -75,6 +82,7 @@ def measure(method: ContinualMethod, classes: list[int], cfg: Config, device: to
     """One table row: train and eval images/s (train None when the method takes no gradient step)."""
     cfg = cfg.with_settings(amp=precision)
     method.cfg = cfg  # what the method's own hooks (e.g. ncm's end_task) autocast to
+    method.store_frozen_weights(AMP_DTYPES.get(precision, torch.float32))  # as a run in this precision keeps them
     images = torch.randn(cfg.optim.batch_size, 3, cfg.backbone.input_size, cfg.backbone.input_size, device=device)
     targets = torch.tensor(classes, device=device)[torch.randint(len(classes), (cfg.optim.batch_size,), device=device)]
     row: dict[str, Any] = {"precision": precision, "train_images_per_second": None,

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from config.resolved import Config
 from config.settings import QueryModelSettings
 from datasets.scenario import Scenario, make_class_order
-from utils import UserError
+from utils import AMP_DTYPES, UserError, log
 
 from .vit import create_backbone, freeze
 
@@ -116,6 +116,37 @@ class ContinualMethod(nn.Module):
         test set's query features, used after every task)."""
         return self.cached(name, batch_key, lambda: model(images))
 
+    def frozen_modules(self) -> list[nn.Module]:
+        """The modules no task trains (a frozen backbone, a query model): `store_frozen_weights` keeps their matrix
+        weights in the run's compute dtype."""
+        return []
+
+    def to_run_device(self, device: torch.device, amp: str) -> ContinualMethod:
+        """On `device`, with the frozen weights in the compute dtype of `amp` (fp32 runs keep them as they are)."""
+        self.to(device)
+        dtype = AMP_DTYPES.get(amp)
+        if dtype is not None:
+            stored = self.store_frozen_weights(dtype)
+            log(f"frozen weights kept in {str(dtype).removeprefix('torch.')}: {stored / 2**20:.1f} MiB "
+                f"(fp32: {stored * 4 / dtype.itemsize / 2**20:.1f} MiB)")
+        return self
+
+    def store_frozen_weights(self, dtype: torch.dtype) -> int:
+        """Keep the weights of the linear and convolution layers of `frozen_modules` in `dtype`, the dtype autocast
+        computes them in: autocast caches only the casts of tensors that require grad, so a frozen fp32 weight was
+        cast again at every use. The cast is autocast's own rounding, so results do not change; normalisation layers,
+        embeddings and every trained tensor keep fp32. Returns the bytes the weights take now."""
+        stored = 0
+        for module in {id(m): m for m in self.frozen_modules()}.values():
+            for layer in module.modules():
+                if not isinstance(layer, nn.Linear | nn.Conv2d):
+                    continue
+                for param in layer.parameters(recurse=False):
+                    param.requires_grad_(False)  # (a method may freeze them only at its first task)
+                    param.data = param.data.to(dtype)
+                    stored += param.numel() * param.element_size()
+        return stored
+
     # --- parse time: the settings, before they are frozen ------------------------------------------------------
     @classmethod
     def resolve_settings(cls, draft: Any) -> None:
@@ -209,6 +240,9 @@ class BackboneHeadMethod(ContinualMethod):
         self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
 
     backbone_frozen_for_run = False  # True: its test features never change, so evaluation caches them
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.backbone] if self.backbone_frozen_for_run else []
 
     def backbone_trains(self, t: int) -> bool:
         raise NotImplementedError

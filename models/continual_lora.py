@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from config.resolved import Config
 from config.settings import LoRASettings, LoRATypeSettings
@@ -29,6 +30,9 @@ class ContinualLoRA(ContinualMethod):
         freeze(self.backbone)
         self.lora = build_lora_pool(self.backbone, 1, cfg.group(LoRASettings))
         self.head = classifier_head(self.backbone.num_features, scenario.num_classes)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.backbone]
 
     def begin_task(self, t: int) -> list[dict]:
         return [{"params": [self.lora.a, self.lora.b, *self.head.parameters()]}]

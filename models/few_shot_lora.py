@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from config.resolved import Config
 from config.settings import FewShotSettings, LoRASettings
@@ -146,6 +147,9 @@ class SharedLoRA(ContinualMethod):
         freeze(self.dataset_head)
         self.vanilla_task = t
         self.invalidate_state_cache()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.backbone]
 
     def begin_task(self, t: int) -> list[dict]:
         self.load_task_context(t)

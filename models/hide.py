@@ -317,6 +317,9 @@ class HiDeMethod(ContinualMethod):
                        else StoredTaskIdentity(self, hide.trained_original_model))
         self.stage1.check(scenario.num_tasks)
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.original_vit, *([self.backbone] if "wtp" in self.phases else [])]
+
     def _stage1_config(self, cfg: Config) -> Config:
         """Stage 1's training settings: the run's own in a stage-1 run; --tii_* and a constant LR when it shares the
         run with stage 2."""

@@ -3,6 +3,7 @@ training features, and a test image goes to the class mean with the highest cosi
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
@@ -26,6 +27,9 @@ class NCM(ContinualMethod):
         self.register_buffer("class_sums", torch.zeros(scenario.num_classes, self.backbone.num_features,
                                                        dtype=torch.float64))
         self.register_buffer("class_counts", torch.zeros(scenario.num_classes, dtype=torch.float64))
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.backbone]
 
     @torch.no_grad()
     def end_task(self, t: int, stats_loader: DataLoader) -> None:

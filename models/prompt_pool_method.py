@@ -67,6 +67,9 @@ class PromptPoolMethod(ContinualMethod):
         if not prompts.use_prompt_mask and not pool.prompt_key:
             raise UserError("without --use_prompt_mask the slots are chosen by key matching; keep --prompt_key")
 
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.backbone, self.query_model]
+
     def begin_task(self, t: int) -> list[dict]:
         if self.prompts.shared_prompt_pool and self.e_prompt is not None:
             self.e_prompt.init_slots_from_previous(t, copy_keys=self.pool.shared_prompt_key)
