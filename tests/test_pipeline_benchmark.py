@@ -1,9 +1,11 @@
 """benchmarks/pipeline.py: real short runs timed phase by phase, with the ViT passes each phase makes per image."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import time
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -33,21 +35,24 @@ def test_a_nested_phase_stops_the_clock_of_the_enclosing_one():
     assert (inner.images, inner.image_passes, outer.images, outer.image_passes) == (4, 8, 3, 0)
 
 
-@pytest.fixture
-def one_thread():
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
     """As the subprocess tests run (OMP_NUM_THREADS=1): OpenMP threads that share busy cores with other processes are
-    slowed many times over."""
+    slowed many times over (a 2-thread run here took 7x longer)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
-def test_phases_add_up_to_the_run_and_hide_evaluations_reuse_cached_features(tmp_path, capsys, one_thread):
+def test_phases_add_up_to_the_run_and_hide_evaluations_reuse_cached_features(tmp_path, capsys):
     path = tmp_path / "pipeline.json"
-    code = _pipeline().main(["--methods", "hideprompt", "l2p", "--loader_workers", "0", "--json", str(path),
-                             "--input-size", "32", "--device", "cpu", "--num_workers", "0"])
+    with one_thread():
+        code = _pipeline().main(["--methods", "hideprompt", "l2p", "--loader_workers", "0", "--json", str(path),
+                                 "--input-size", "32", "--device", "cpu", "--num_workers", "0"])
     assert code == 0
     saved = read_json(path)
     assert saved["tasks"] == 2 and saved["epochs"] == 1 and saved["machine"]["threads"] >= 1
