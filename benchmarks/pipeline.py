@@ -235,11 +235,11 @@ def run_arguments(method: str, epochs: int, tasks: int, extra: Sequence[str], ou
 
 
 def probe_run(argv: list[str], log_path: Path) -> tuple[RunProbe, float]:
-    """main.main(argv) with engine.run probed; returns the probe and main's whole wall time. Its output goes to
-    `log_path`; a failed run raises with the log's end."""
+    """main.main(argv) with engine.run probed; returns the probe and main's whole wall time. Its output and errors
+    go to `log_path`; a failed run raises with the log's end."""
     probe = RunProbe()
     start = time.perf_counter()
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             mock.patch.object(engine, "run", probe.wrap_run(engine.run)):
         code = entry.main(argv)
     seconds = time.perf_counter() - start
@@ -348,7 +348,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         description="Seconds and ViT passes per phase of real short runs on Split Digits (see the module docstring).",
         epilog="Other flags are main.py's, given to every run after the defaults "
                f"({' '.join(DEFAULT_FLAGS)}).")
-    parser.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=["hideprompt", "l2p", "dualprompt"])
+    parser.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=["hideprompt", "l2p", "dualprompt"],
+                        metavar="METHOD", help=f"digits_<METHOD> runs, of: {', '.join(METHOD_CHOICES)}")
     parser.add_argument("--epochs", type=int, default=1, help="epochs per task (HiDe: of each stage)")
     parser.add_argument("--tasks", type=int, default=2, help="tasks run, of the 5 (--stop_after_task)")
     parser.add_argument("--loader_workers", type=int, nargs="*", default=[2, 0],
