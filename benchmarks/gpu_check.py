@@ -10,8 +10,18 @@ collective goes through NCCL on CUDA, gloo on CPU), and one short HiDe-Prompt ru
 whose accuracy matrices, final metrics and trained tensors must be identical. The table gives each run's status,
 exit code, wall time, final average accuracy and peak memory (GPU: torch.cuda.max_memory_allocated of the run's
 process; CPU: its peak resident set); it is printed and written to OUTPUT_DIR/gpu_check.md and gpu_check.json.
-The exit code is 1 when a run failed or the deterministic pair differs. `--quick` keeps two of the per-method runs
-and shortens every run to one epoch (what the test suite runs on CPU).
+The exit code is 1 when a run failed, the deterministic pair differs or the throughput section failed. `--quick`
+keeps two of the per-method runs and shortens every run to one epoch (what the test suite runs on CPU).
+
+Then, in this process, a throughput table (a second table in gpu_check.md, `throughput` in gpu_check.json): on CUDA,
+benchmarks/throughput.py's measurement of every prompt and LoRA method (`cifar100_<method>`, built from the config
+alone, random weights and inputs) with the paper's ViT-B/16 at 224 px and per-GPU batch 24, bf16 and fp32 (none),
+one row per phase (HiDe: tii, wtp) and precision: train and eval images/s, the peak GPU memory of the row's steps,
+the FLOPs per image (counted op by op on one step) and the row's FLOP/s as a share of the bf16 rate a large matmul
+achieves on this GPU; then, from the hideprompt rows, an estimate of the paper's Split CIFAR-100 HiDe-Prompt run on 8
+such GPUs (its formula is printed). Its steps are few (5 timed after 2 warm-up) so that the whole check fits in 8
+minutes on one H200. On CPU the same section runs at a tiny size (tiny ViT, 32 px, batch 4, 2 steps after 1
+warm-up; with --quick two methods) only to keep it working.
 
 Internally `gpu_check.py --child main.py ARGS...` runs main.py's main in-process and then writes the process's
 peak memory to the file named by $GPU_CHECK_PEAK_FILE (one file per rank).
@@ -38,17 +48,30 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from config.cli import split_subcommand_name, subcommands  # noqa: E402
+from benchmarks.throughput import _median_seconds, measure  # noqa: E402
+from config.cli import parse_args, split_subcommand_name, subcommands  # noqa: E402
+from config.resolved import Config  # noqa: E402
 from config.settings import (  # noqa: E402
     COMMON_GROUPS,
     FewShotSettings,
     OptimSettings,
+    QueryModelSettings,
     TaskAdaptiveSettings,
     TaskIdentitySettings,
 )
-from models import METHODS  # noqa: E402
-from utils import atomic_write_json, cpu_has_native_bf16, resolve_amp  # noqa: E402
+from datasets import build_scenario  # noqa: E402
+from models import METHODS, create_method  # noqa: E402
+from models.base import ContinualMethod  # noqa: E402
+from utils import (  # noqa: E402
+    atomic_write_json,
+    cpu_has_native_bf16,
+    maybe_autocast,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+)
 
 PEAK_ENV = "GPU_CHECK_PEAK_FILE"
 DATASET = "digits"
@@ -307,6 +330,164 @@ def compare_pair(first: Outcome, second: Outcome, out: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Throughput of the prompt and LoRA methods (in this process, after the runs)
+# ----------------------------------------------------------------------------------------------------------------
+THROUGHPUT_METHODS = ("l2p", "dualprompt", "sprompt", "hideprompt", "continual_lora", "hidelora")
+QUICK_THROUGHPUT_METHODS = ("l2p", "hideprompt")  # hideprompt's rows feed the estimate
+THROUGHPUT_PRECISIONS = ("bf16", "none")
+# The paper's Split CIFAR-100 HiDe-Prompt run: 8 GPUs; stage 1 (tii) 20 and stage 2 (wtp) 50 epochs over the 50,000
+# training images; each stage's launch evaluates the test images seen so far (1,000 per task) after each of 10 tasks.
+PAPER_GPUS, PAPER_TRAIN_IMAGES, PAPER_EPOCHS = 8, 50_000, {"tii": 20, "wtp": 50}
+PAPER_EVAL_IMAGES = sum((t + 1) * 1_000 for t in range(10))
+ESTIMATE_FORMULA = (f"{PAPER_EPOCHS['tii']} x {PAPER_TRAIN_IMAGES:,} / ({PAPER_GPUS} x tii train img/s) + "
+                    f"{PAPER_EPOCHS['wtp']} x {PAPER_TRAIN_IMAGES:,} / ({PAPER_GPUS} x wtp train img/s) + "
+                    f"{PAPER_EVAL_IMAGES:,} / ({PAPER_GPUS} x tii eval img/s) + {PAPER_EVAL_IMAGES:,} / "
+                    f"({PAPER_GPUS} x wtp eval img/s), with {PAPER_EVAL_IMAGES:,} = sum over the 10 tasks t of "
+                    f"(t+1) x 1,000 test images")
+
+
+@dataclass(frozen=True)
+class ThroughputPlan:
+    model: str
+    input_size: int
+    batch_size: int
+    steps: int
+    warmup: int
+    methods: tuple[str, ...]
+    matmul_size: int  # the side of the bf16 matmul whose achieved rate the rows are a share of
+
+
+def throughput_plan(device: str, quick: bool) -> ThroughputPlan:
+    """CUDA: the paper's ViT-B/16 at 224 px and per-GPU batch 24, every prompt and LoRA method, few steps so that the
+    whole check stays within its 8 minutes on one H200. CPU: a tiny size, so that CI keeps the section working."""
+    if device == "cuda":
+        return ThroughputPlan("vit_base_patch16_224", 224, 24, 5, 2, THROUGHPUT_METHODS, 8192)
+    return ThroughputPlan("vit_tiny_patch16_224", 32, 4, 2, 1, QUICK_THROUGHPUT_METHODS if quick else
+                          THROUGHPUT_METHODS, 512)
+
+
+def throughput_flags(method: str, plan: ThroughputPlan, device: str) -> list[str]:
+    flags = [f"cifar100_{method}", "--device", device, "--model", plan.model, "--pretrained", "False",
+             "--input-size", str(plan.input_size), "--batch-size", str(plan.batch_size)]
+    if QueryModelSettings in METHODS[method].settings_groups:  # one ViT for the query and the prompts, as the paper
+        flags += ["--original_model", plan.model]
+    return flags
+
+
+def bf16_matmul_flops(device: torch.device, size: int) -> float:
+    """The achieved FLOP/s of a size^3 bf16 matmul: the peak each row's FLOP/s is a share of."""
+    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    return 2 * size**3 / _median_seconds(lambda: torch.mm(a, b), 10, 3, device)
+
+
+def flops_per_image(method: ContinualMethod, classes: list[int], cfg: Config, device: torch.device, precision: str,
+                    train: bool) -> float:
+    """One step's FLOPs per image, op by op: a training step's forward and backward (gradients of activations, and
+    of weights only where they train), or a prediction. CPU attention's fused kernel is not counted (tiny at 32 px)."""
+    size, batch = cfg.backbone.input_size, cfg.optim.batch_size
+    images = torch.randn(batch, 3, size, size, device=device)
+    targets = torch.tensor(classes, device=device)[torch.randint(len(classes), (batch,), device=device)]
+    method.train(train)
+    with FlopCounterMode(display=False) as counter:
+        with maybe_autocast(device, precision), torch.set_grad_enabled(train):
+            out = method(images, targets, 0)[0] if train else method.predict(images)
+        if train:
+            out.backward()
+    method.zero_grad(set_to_none=True)
+    method.eval()
+    return counter.get_total_flops() / batch
+
+
+def throughput_row(method: ContinualMethod, classes: list[int], cfg: Config, device: torch.device, precision: str,
+                   plan: ThroughputPlan, peak_flops: float) -> dict[str, Any]:
+    """throughput.measure's row, with the peak GPU memory of its steps and the FLOP/s as a share of the peak."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    row = measure(method, classes, cfg, device, precision, plan.steps, plan.warmup)
+    row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    for kind in ("train", "eval"):
+        rate = row[f"{kind}_images_per_second"]
+        flops = None if rate is None else flops_per_image(method, classes, cfg, device, precision, kind == "train")
+        row[f"{kind}_flops_per_image"] = flops
+        row[f"{kind}_peak_percent"] = None if rate is None else 100 * rate * flops / peak_flops
+    return row
+
+
+def method_throughput(name: str, plan: ThroughputPlan, device: torch.device, peak_flops: float
+                      ) -> list[dict[str, Any]]:
+    """Rows per phase (HiDe: tii, wtp) and precision; the method is built from the config alone (no data)."""
+    cfg = parse_args(throughput_flags(name, plan, device.type))
+    seed_everything(cfg.run.seed)
+    scenario = build_scenario(cfg.data.num_classes, cfg.data.num_tasks, False, cfg.run.seed, cfg.data.dataset)
+    method = create_method(cfg, scenario).to(device)
+    rows = []
+    for phase in method.phases:
+        phase_cfg = method.set_phase(phase)
+        rows += [{"method": name, "phase": phase, **throughput_row(method, scenario.task_classes[0], phase_cfg,
+                                                                   device, precision, plan, peak_flops)}
+                 for precision in THROUGHPUT_PRECISIONS]
+    return rows
+
+
+def paper_estimate(rows: list[dict[str, Any]]) -> list[dict[str, float | str]]:
+    """Per precision, the wall time of the paper's HiDe-Prompt run on PAPER_GPUS devices like this one (see
+    ESTIMATE_FORMULA): training and uncached evaluation only (no data loading, statistics, alignment or checkpoints),
+    the processes scaling perfectly."""
+    estimates: list[dict[str, float | str]] = []
+    for precision in THROUGHPUT_PRECISIONS:
+        rate = {r["phase"]: r for r in rows if r["method"] == "hideprompt" and r["precision"] == precision}
+        if set(rate) != set(PAPER_EPOCHS):
+            continue
+        seconds = {f"stage{i}_train_seconds": PAPER_EPOCHS[s] * PAPER_TRAIN_IMAGES /
+                   (PAPER_GPUS * rate[s]["train_images_per_second"]) for i, s in enumerate(("tii", "wtp"), 1)}
+        seconds["eval_seconds"] = sum(PAPER_EVAL_IMAGES / (PAPER_GPUS * rate[s]["eval_images_per_second"])
+                                      for s in PAPER_EPOCHS)
+        estimates.append({"precision": precision, **seconds, "total_seconds": sum(seconds.values())})
+    return estimates
+
+
+def throughput_section(device: str, quick: bool) -> dict[str, Any]:
+    """Every row of the plan; a failure is reported in the result (and fails the check), not raised."""
+    plan, start = throughput_plan(device, quick), time.perf_counter()
+    section: dict[str, Any] = {"plan": asdict(plan), "rows": [], "estimate": [], "error": None}
+    try:
+        dev = resolve_device(device)
+        section["bf16_matmul_flops"] = bf16_matmul_flops(dev, plan.matmul_size)
+        for name in plan.methods:
+            section["rows"] += method_throughput(name, plan, dev, section["bf16_matmul_flops"])
+        section["estimate"] = paper_estimate(section["rows"])
+    except Exception as err:  # the runs' table is still written
+        section["error"] = f"{type(err).__name__}: {err}"
+    section["seconds"] = time.perf_counter() - start
+    return section
+
+
+def throughput_lines(section: dict[str, Any], device: str) -> list[str]:
+    plan = section["plan"]
+    lines = [f"## Throughput: {plan['model']}, {plan['input_size']} px, batch {plan['batch_size']} per device, "
+             f"median of {plan['steps']} steps after {plan['warmup']} warm-up (random inputs, data loading excluded)",
+             ""]
+    if section["error"]:
+        return [*lines, f"FAILED: {section['error']}"]
+    lines += ["| method | phase | precision | train img/s | eval img/s | peak GPU MiB | train GFLOP/img | eval "
+              "GFLOP/img | train % of bf16 peak | eval % |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in section["rows"]:
+        gflops = [None if r[k] is None else r[k] / 1e9 for k in ("train_flops_per_image", "eval_flops_per_image")]
+        lines.append(f"| {r['method']} | {r['phase']} | {r['precision']} | {_fmt(r['train_images_per_second'], 1)} "
+                     f"| {_fmt(r['eval_images_per_second'], 1)} | {_fmt(r['peak_mib'], 0)} | {_fmt(gflops[0])} "
+                     f"| {_fmt(gflops[1])} | {_fmt(r['train_peak_percent'], 1)} | {_fmt(r['eval_peak_percent'], 1)} |")
+    side = plan["matmul_size"]
+    lines += ["", f"bf16 peak: {section['bf16_matmul_flops'] / 1e12:.1f} TFLOP/s achieved by a {side}x{side}x{side} "
+              f"bf16 matmul; a row's share is its img/s x FLOP/img (counted op by op on one step) over that.", "",
+              f"Paper-run estimate (Split CIFAR-100 HiDe-Prompt, both stages, {PAPER_GPUS} devices like this one"
+              f"{'' if device == 'cuda' else ', at this tiny CPU size: meaningless'}) = {ESTIMATE_FORMULA}:"]
+    lines += [f"- {e['precision']}: {e['total_seconds'] / 60:.1f} min (stage 1 {e['stage1_train_seconds'] / 60:.1f}, "
+              f"stage 2 {e['stage2_train_seconds'] / 60:.1f}, evaluation {e['eval_seconds'] / 60:.1f}); training and "
+              f"uncached evaluation only, perfect scaling" for e in section["estimate"]]
+    return [*lines, "", f"Section time: {section['seconds']:.1f} s."]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
 def environment(device: str) -> dict[str, Any]:
@@ -353,14 +534,17 @@ def table_lines(outcomes: list[Outcome], device: str) -> list[str]:
     return lines
 
 
-def report(env: dict[str, Any], outcomes: list[Outcome], pair: dict[str, Any], seconds: float) -> tuple[str, bool]:
+def report(env: dict[str, Any], outcomes: list[Outcome], pair: dict[str, Any], throughput: dict[str, Any],
+           seconds: float) -> tuple[str, bool]:
     failed = [o.key for o in outcomes if o.status.startswith("FAILED")]
-    ok = not failed and pair["identical"]
-    verdict = "PASSED" if ok else f"FAILED ({len(failed)} run(s) failed{'' if pair['identical'] else ', pair differs'})"
+    ok = not failed and pair["identical"] and not throughput["error"]
+    problems = [f"{len(failed)} run(s) failed", *([] if pair["identical"] else ["pair differs"]),
+                *(["throughput failed"] if throughput["error"] else [])]
+    verdict = "PASSED" if ok else f"FAILED ({', '.join(problems)})"
     lines = [*header_lines(env), "", *table_lines(outcomes, env["device"]), "",
-             f"Deterministic pair: {pair['text']}", "",
-             f"{verdict}; {len(outcomes)} runs in {seconds / 60:.1f} min. Final acc: the last average accuracy "
-             f"(the few-shot flow: the episodes' mean); logs in logs/."]
+             f"Deterministic pair: {pair['text']}", "", *throughput_lines(throughput, env["device"]), "",
+             f"{verdict}; {len(outcomes)} runs and the throughput section in {seconds / 60:.1f} min. Final acc: the "
+             f"last average accuracy (the few-shot flow: the episodes' mean); logs in logs/."]
     return "\n".join(lines) + "\n", ok
 
 
@@ -397,11 +581,14 @@ def main(argv: list[str]) -> int:
         outcomes.append(execute(run, out, args.run_timeout))
         _progress(i, len(runs), outcomes[-1])
     pair = compare_pair(*(o for o in outcomes if o.key.startswith("deterministic_")), out)
-    text, ok = report(env, outcomes, pair, time.perf_counter() - start)
+    print("[throughput] measuring in this process ...", flush=True)
+    throughput = throughput_section(args.device, args.quick)
+    text, ok = report(env, outcomes, pair, throughput, time.perf_counter() - start)
     print("\n" + text, end="")
     (out / "gpu_check.md").write_text(text)
     atomic_write_json({"environment": env, "runs": [asdict(o) for o in outcomes], "deterministic_pair": pair,
-                       "passed": ok, "seconds": time.perf_counter() - start}, out / "gpu_check.json")
+                       "throughput": throughput, "passed": ok, "seconds": time.perf_counter() - start},
+                      out / "gpu_check.json")
     return 0 if ok else 1
 
 

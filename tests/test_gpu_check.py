@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, read_json
+from test_pipeline_benchmark import one_thread
 
 
 def _gpu_check() -> ModuleType:
@@ -83,6 +84,31 @@ def test_a_run_past_its_time_is_stopped():
     assert _gpu_check()._wait(proc, timeout=0.2) is None and proc.returncode == -15  # SIGTERM was enough
 
 
+def test_the_throughput_section_measures_each_phase_and_estimates_the_paper_run():
+    check = _gpu_check()
+    with one_thread():
+        section = check.throughput_section("cpu", quick=True)
+    assert section["error"] is None and section["bf16_matmul_flops"] > 0
+    rows = {(r["method"], r["phase"], r["precision"]): r for r in section["rows"]}
+    assert list(rows) == [(m, p, q) for m, p in (("l2p", "train"), ("hideprompt", "tii"), ("hideprompt", "wtp"))
+                          for q in ("bf16", "none")]
+    for row in rows.values():
+        for kind in ("train", "eval"):
+            assert row[f"{kind}_images_per_second"] > 0 and row[f"{kind}_flops_per_image"] > 0
+            assert row[f"{kind}_peak_percent"] > 0
+        assert row["peak_mib"] is None  # GPU memory only
+    l2p = rows["l2p", "train", "bf16"]
+    assert l2p["train_flops_per_image"] > l2p["eval_flops_per_image"]  # the backward of the prompted pass
+    tii, wtp = rows["hideprompt", "tii", "bf16"], rows["hideprompt", "wtp", "bf16"]
+    [bf16, _] = section["estimate"]
+    assert bf16["stage1_train_seconds"] == pytest.approx(20 * 50_000 / (8 * tii["train_images_per_second"]))
+    assert bf16["stage2_train_seconds"] == pytest.approx(50 * 50_000 / (8 * wtp["train_images_per_second"]))
+    assert bf16["eval_seconds"] == pytest.approx(55_000 / 8 * (1 / tii["eval_images_per_second"] +
+                                                               1 / wtp["eval_images_per_second"]))
+    text = "\n".join(check.throughput_lines(section, "cpu"))
+    assert "| hideprompt | wtp | none |" in text and "20 x 50,000 / (8 x tii train img/s)" in text
+
+
 @pytest.mark.slow
 def test_a_failed_run_is_reported_with_its_error_line(tmp_path):
     check = _gpu_check()
@@ -113,3 +139,8 @@ def test_the_quick_check_passes_on_cpu(tmp_path):
     table = (out / "gpu_check.md").read_text()
     assert all(f"| {key} |" in table for key in [*statuses, "digits_dualprompt_fp16"])
     assert "Deterministic pair: identical" in table and table in proc.stdout
+    throughput = report["throughput"]
+    assert throughput["error"] is None and {(r["method"], r["phase"]) for r in throughput["rows"]} == {
+        ("l2p", "train"), ("hideprompt", "tii"), ("hideprompt", "wtp")}
+    assert all(r["train_images_per_second"] > 0 and r["eval_images_per_second"] > 0 for r in throughput["rows"])
+    assert "| l2p | train | bf16 |" in table and "Paper-run estimate" in table
