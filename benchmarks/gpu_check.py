@@ -48,9 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.throughput import _median_seconds, measure  # noqa: E402
+from benchmarks.throughput import bf16_matmul_flops, measure  # noqa: E402
 from config.cli import parse_args, split_subcommand_name, subcommands  # noqa: E402
 from config.resolved import Config  # noqa: E402
 from config.settings import (  # noqa: E402
@@ -67,7 +66,6 @@ from models.base import ContinualMethod  # noqa: E402
 from utils import (  # noqa: E402
     atomic_write_json,
     cpu_has_native_bf16,
-    maybe_autocast,
     resolve_amp,
     resolve_device,
     seed_everything,
@@ -374,42 +372,14 @@ def throughput_flags(method: str, plan: ThroughputPlan, device: str) -> list[str
     return flags
 
 
-def bf16_matmul_flops(device: torch.device, size: int) -> float:
-    """The achieved FLOP/s of a size^3 bf16 matmul: the peak each row's FLOP/s is a share of."""
-    a, b = (torch.randn(size, size, device=device, dtype=torch.bfloat16) for _ in range(2))
-    return 2 * size**3 / _median_seconds(lambda: torch.mm(a, b), 10, 3, device)
-
-
-def flops_per_image(method: ContinualMethod, classes: list[int], cfg: Config, device: torch.device, precision: str,
-                    train: bool) -> float:
-    """One step's FLOPs per image, op by op: a training step's forward and backward (gradients of activations, and
-    of weights only where they train), or a prediction. CPU attention's fused kernel is not counted (tiny at 32 px)."""
-    size, batch = cfg.backbone.input_size, cfg.optim.batch_size
-    images = torch.randn(batch, 3, size, size, device=device)
-    targets = torch.tensor(classes, device=device)[torch.randint(len(classes), (batch,), device=device)]
-    method.train(train)
-    with FlopCounterMode(display=False) as counter:
-        with maybe_autocast(device, precision), torch.set_grad_enabled(train):
-            out = method(images, targets, 0)[0] if train else method.predict(images)
-        if train:
-            out.backward()
-    method.zero_grad(set_to_none=True)
-    method.eval()
-    return counter.get_total_flops() / batch
-
-
 def throughput_row(method: ContinualMethod, classes: list[int], cfg: Config, device: torch.device, precision: str,
                    plan: ThroughputPlan, peak_flops: float) -> dict[str, Any]:
-    """throughput.measure's row, with the peak GPU memory of its steps and the FLOP/s as a share of the peak."""
+    """throughput.measure's row (with FLOPs per image and their share of the bf16 matmul rate), with the peak GPU
+    memory of its steps."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    row = measure(method, classes, cfg, device, precision, plan.steps, plan.warmup)
+    row = measure(method, classes, cfg, device, precision, plan.steps, plan.warmup, peak_flops)
     row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    for kind in ("train", "eval"):
-        rate = row[f"{kind}_images_per_second"]
-        flops = None if rate is None else flops_per_image(method, classes, cfg, device, precision, kind == "train")
-        row[f"{kind}_flops_per_image"] = flops
-        row[f"{kind}_peak_percent"] = None if rate is None else 100 * rate * flops / peak_flops
     return row
 
 

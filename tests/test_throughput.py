@@ -17,11 +17,17 @@ def _throughput() -> ModuleType:
 def _run(tmp_path, subcommand: str) -> dict:
     path = tmp_path / f"{subcommand}.json"
     code = _throughput().main([subcommand, "--device", "cpu", "--steps", "2", "--warmup", "1",
-                               "--precisions", "none", "--json", str(path)])
+                               "--precisions", "none", "--matmul_size", "256", "--json", str(path)])
     assert code == 0
     saved = read_json(path)
     assert saved["subcommand"] == subcommand and saved["device"] == "cpu"
     assert [row["precision"] for row in saved["results"]] == ["none"]
+    assert saved["bf16_matmul_flops"] > 0
+    for kind in ("train", "eval"):  # each rate's FLOP/s as a share of the measured bf16 matmul rate
+        rate, flops = saved["results"][0][f"{kind}_images_per_second"], saved["results"][0][f"{kind}_flops_per_image"]
+        if rate is not None:
+            assert saved["results"][0][f"{kind}_peak_percent"] == pytest.approx(
+                100 * rate * flops / saved["bf16_matmul_flops"])
     return saved["results"][0]
 
 
@@ -29,6 +35,9 @@ def test_linear_reports_train_and_eval_throughput(tmp_path, capsys):
     row = _run(tmp_path, "digits_linear")
     assert row["train_images_per_second"] > 0
     assert row["eval_images_per_second"] > 0
+    assert row["train_forward_ms"] > 0 and row["train_backward_ms"] > 0
+    # the linear probe's step: the frozen backbone's forward, then the head's forward and backward only
+    assert row["eval_flops_per_image"] < row["train_flops_per_image"] < 1.01 * row["eval_flops_per_image"]
     assert row["train_vit_passes_per_image"] == row["eval_vit_passes_per_image"] == 1
     out = capsys.readouterr().out
     assert "digits_linear" in out and "train img/s" in out
@@ -49,6 +58,8 @@ def test_prompt_methods_count_the_query_pass_and_the_prompted_pass(tmp_path):
     # L2P selects its prompts by key matching in training too: the query pass, then the prompted pass
     row = _run(tmp_path, "digits_l2p")
     assert row["train_vit_passes_per_image"] == row["eval_vit_passes_per_image"] == 2
+    # and its backward runs through the prompted pass alone: more than the forward's FLOPs, fewer than twice them
+    assert 1.2 * row["eval_flops_per_image"] < row["train_flops_per_image"] < 2 * row["eval_flops_per_image"]
 
 
 def test_few_shot_shared_model_is_one_lora_pass_per_image(tmp_path):
