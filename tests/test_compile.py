@@ -14,7 +14,7 @@ import torch
 import compilation
 import engine
 from config.cli import parse_args
-from conftest import read_json, run_main
+from conftest import REPO, read_json, run_cli, run_main
 from datasets import build_scenario
 from models import create_method
 from utils import DistContext, UserError
@@ -187,3 +187,33 @@ def test_inductor_evaluation_matches_uncompiled_in_fp32():
     images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     batches = [(("test", 0, 0), images), (("test", 0, 1), images.flip(0))]
     _close(_evaluate(eager, False, batches), _evaluate(compiled, True, batches))
+
+
+# main.py with the aot_eager backend, for a run under torchrun
+AOT_EAGER_MAIN = """
+import sys
+sys.path.insert(0, {repo!r})
+import compilation
+compilation.BACKEND = "aot_eager"
+import main
+sys.exit(main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_ddp_a_compiled_run_gives_the_uncompiled_results(tmp_path):
+    """The method compiled, then wrapped by DDP (whose DDPOptimizer splits the graph at its buckets), with
+    find_unused_parameters as the prompt methods ask, on 2 gloo processes."""
+    script = tmp_path / "main_aot_eager.py"
+    script.write_text(AOT_EAGER_MAIN.format(repo=str(REPO)))
+    results = {}
+    for setting in ("off", "on"):
+        result = run_cli(["digits_dualprompt", *MODEL, "--epochs", "1", "--stop_after_task", "1", "--amp", "none",
+                          "--tensorboard", "False", "--compile", setting, "--output_dir", str(tmp_path / setting)],
+                         nproc=2, script=str(script))
+        assert result.returncode == 0, result.stderr[-3000:]
+        results[setting] = read_json(tmp_path / setting / "results.json")
+    assert "--compile: training step: first call" in result.stdout
+    assert results["on"]["acc_matrix"] == results["off"]["acc_matrix"]
+    assert results["on"]["final"]["train_loss"] == pytest.approx(results["off"]["final"]["train_loss"], rel=1e-5)
