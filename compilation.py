@@ -30,7 +30,8 @@ from utils import log, warn
 BACKEND: Any = "inductor"
 # device types where `--compile auto` compiles: those where it has been measured faster, none yet
 MEASURED_FASTER: frozenset[str] = frozenset()
-# the call timed against the first: the first compiles, the second may still compile the backward lazily
+# the call timed against the first: the first compiles, and the second may recompile a frame that specialised on the
+# first batch's index in the test set (dynamo makes it dynamic then)
 LATER_CALL = 3
 # graphs that specialise on the task index recompile once per task (HiDe-Prompt's prompt momentum slices the slots
 # before task t, its task-identity mask reads the tasks seen): dynamo's default limit of 8 would leave the later tasks
