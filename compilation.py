@@ -10,8 +10,8 @@
   (a shorter last batch) recompiles it once with the batch dimension dynamic (dynamo's automatic dynamic shapes),
   and every size after that reuses that graph.
 - Results are the uncompiled ones up to floating-point rounding (fused kernels order their sums differently).
-- A compilation that fails (inductor finds no C++ compiler, dynamo meets something it cannot trace) leaves that
-  function uncompiled for the rest of the run, with one warning naming why.
+- A compilation that fails (inductor finds no C++ compiler, dynamo meets something it cannot trace) leaves the
+  method uncompiled for the rest of the run, with one warning naming the function and why.
 """
 from __future__ import annotations
 
