@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.nn.parallel import DistributedDataParallel
 
+import compilation
 import metrics
 import preemption
 from config.resolved import Config, config_to_dict
@@ -204,8 +206,9 @@ def _checkpoint_step(totals: torch.Tensor, images: int, ctx: DistContext, task: 
     return reduced, stop > 0
 
 
-def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, optimizer, scaler, epoch: int,
-                    cfg: Config, ctx: DistContext, task: TaskInProgress, phase: str) -> dict[str, float]:
+def train_one_epoch(model: Callable[..., tuple[torch.Tensor, torch.Tensor]], method: ContinualMethod, loader,
+                    optimizer, scaler, epoch: int, cfg: Config, ctx: DistContext, task: TaskInProgress,
+                    phase: str) -> dict[str, float]:
     """One epoch. Every `print_freq` steps (and at a phase's first step, the loss later ones are compared with) one
     all-reduce gives the progress line its global values and every rank the divergence and preemption verdicts: no
     other host synchronisation per step."""
@@ -221,9 +224,10 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
     for step, (images, targets) in enumerate(loader, 1):
         images = images.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
-        with maybe_autocast(ctx.device, cfg.run.amp):
-            loss, logits = model(images, targets, t)
-        optimizer_step(loss, optimizer, scaler, params, cfg.optim.clip_grad)
+        with compilation.timed(model):  # the step, not the forward alone: the first backward compiles too
+            with maybe_autocast(ctx.device, cfg.run.amp):
+                loss, logits = model(images, targets, t)
+            optimizer_step(loss, optimizer, scaler, params, cfg.optim.clip_grad)
         totals += torch.stack([loss.detach().double() * len(targets),
                                (_masked(logits, mask).argmax(1) == targets).sum().double()])
         images_seen += len(targets)
@@ -246,10 +250,13 @@ def train_one_epoch(model: torch.nn.Module, method: ContinualMethod, loader, opt
             "images": seen, "seconds": seconds, "images_per_second": seen / seconds}
 
 
-def wrap_for_training(method: ContinualMethod, ctx: DistContext) -> torch.nn.Module:
+def wrap_for_training(method: ContinualMethod, ctx: DistContext, compile_forward: bool = False) -> torch.nn.Module:
     """DDP under a process group (re-wrapped per task: the trainable set may change between tasks, e.g. fix).
     Buffers are synchronised once here, not at every step: class statistics, masks and maps are identical on every
-    rank by construction (HiDe's statistics alone would be 23 MiB per step, 902 MiB with full covariances)."""
+    rank by construction (HiDe's statistics alone would be 23 MiB per step, 902 MiB with full covariances).
+    `compile_forward` compiles the method's forward first: the inner module, then DDP, as PyTorch recommends."""
+    if compile_forward:
+        compilation.compile_forward(method)
     if not ctx.distributed:
         return method
     return DistributedDataParallel(method, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
@@ -266,7 +273,11 @@ def train_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: Di
     if optimizer is None or cfg.optim.reinit_optimizer:
         optimizer = create_optimizer(param_groups, cfg)
     scheduler = create_scheduler(optimizer, cfg)
-    model = wrap_for_training(method, ctx)
+    compiling = compilation.enabled(cfg.run.compile, ctx.device)
+    model = wrap_for_training(method, ctx, compiling)
+    if compiling:
+        what = "training step" + (f" of phase {phase}" if len(method.phases) > 1 else "")
+        model = compilation.training_forward(method, model, what, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.run.amp == "fp16")
     loader = scenario.train_loader(t)
     seed_rank_streams(cfg.run.seed, t, method.phases.index(phase))
@@ -291,6 +302,13 @@ def train_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: Di
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
+def predict_batch(method: ContinualMethod, images: torch.Tensor,
+                  batch_key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The evaluation forward of one test batch: logits, and the task each image is inferred to belong to (None:
+    the task of the predicted class)."""
+    return method.predict(images, batch_key=batch_key), method.predict_task(images, batch_key=batch_key)
+
+
 @torch.no_grad()
 def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, ctx: DistContext) -> dict:
     """Accuracy on the test set of every task 0..t, and task-identity accuracy (the share of each task's images whose
@@ -301,15 +319,16 @@ def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, c
     counts = torch.zeros(3, scenario.num_classes, dtype=torch.float64, device=ctx.device)  # correct, task right, total
     seen = scenario.seen_mask(t).to(ctx.device)
     class_to_task = scenario.class_to_task.to(ctx.device)
+    forward = predict_batch
+    if compilation.enabled(cfg.run.compile, ctx.device):
+        forward = compilation.evaluation_forward(method, predict_batch, ctx.device)
     start = time.perf_counter()
     for i in range(t + 1):
         allowed = scenario.class_mask(i).to(ctx.device) if cfg.data.task_inc else seen
         for batch, (images, targets) in enumerate(scenario.test_loader(i)):
             images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
-            key = ("test", i, batch)
-            with maybe_autocast(ctx.device, cfg.run.amp):
-                logits = method.predict(images, batch_key=key)
-                inferred_task = method.predict_task(images, batch_key=key)
+            with maybe_autocast(ctx.device, cfg.run.amp), compilation.timed(forward):
+                logits, inferred_task = forward(method, images, ("test", i, batch))
             predicted = _masked(logits, allowed).argmax(1)
             if inferred_task is None:
                 inferred_task = class_to_task[predicted]

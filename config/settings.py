@@ -49,6 +49,11 @@ class RunSettings(SettingsGroup):
                        "later, CPUs with AVX512-BF16/AMX), else fp32 (none); fp16 needs CUDA; none for fp32 parity "
                        "with the reference",
                        choices=("auto", "none", "bf16", "fp16"))
+    compile: str = setting("auto", "torch.compile the training forward and the evaluation forward (same results "
+                           "within floating-point rounding; the first steps take the compilation time). auto turns "
+                           "it on where it has been measured faster: nowhere yet, so auto is off (on CPU it stays "
+                           "off); on falls back to uncompiled, with one warning, where compilation fails",
+                           choices=("auto", "on", "off"))
     deterministic: bool = setting(False, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN without "
                                   "autotuning, cuBLAS workspace :4096:8): bitwise-repeatable CUDA runs on the same "
                                   "GPU type, driver and libraries, a few % to ~30% slower depending on the ops (the "
