@@ -1,6 +1,7 @@
 """Shared helpers: run main.py in-process or under torchrun, and a tiny CIFAR-100 tree in the real pickle format."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -56,6 +58,16 @@ def run_cli(args: list[str], nproc: int = 0, timeout: int = 300, script: str = "
     else:
         cmd = [sys.executable, script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def load_script(name: str, path: Path) -> ModuleType:
+    """A script outside the package layout (benchmarks/*.py) as module `name`, registered in sys.modules: its
+    dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_json(path: Path) -> dict:

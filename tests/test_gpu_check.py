@@ -2,27 +2,21 @@
 runs end to end on CPU."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-from conftest import REPO, read_json
+from conftest import REPO, load_script, read_json
 from test_pipeline_benchmark import one_thread
 
 
 def _gpu_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check", REPO / "benchmarks" / "gpu_check.py")
 
 
 def test_the_plan_runs_every_method_the_registry_offers_for_digits(tmp_path):

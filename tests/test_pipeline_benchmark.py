@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
 import time
 from collections.abc import Iterator
 from types import ModuleType
@@ -11,15 +9,11 @@ from types import ModuleType
 import pytest
 import torch
 
-from conftest import REPO, read_json
+from conftest import REPO, load_script, read_json
 
 
 def _pipeline() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("pipeline_benchmark", REPO / "benchmarks" / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pipeline_benchmark"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("pipeline_benchmark", REPO / "benchmarks" / "pipeline.py")
 
 
 def test_a_nested_phase_stops_the_clock_of_the_enclosing_one():
