@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch._dynamo.exc import TorchDynamoException
 
-from utils import log, warn
+from utils import log, synchronize, warn
 
 # the torch.compile backend; tests take "aot_eager" (the same graph capture and autograd, without generated code)
 BACKEND: Any = "inductor"
@@ -42,11 +42,6 @@ RECOMPILE_LIMIT = 64
 def enabled(setting: str, device: torch.device) -> bool:
     """Whether `--compile {auto,on,off}` compiles on `device`."""
     return setting == "on" or (setting == "auto" and device.type in MEASURED_FASTER)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _reason(err: BaseException) -> str:
@@ -93,10 +88,10 @@ class CompiledCall:
         if self.calls not in (1, LATER_CALL):
             yield
             return
-        _synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         yield
-        _synchronize(self.device)
+        synchronize(self.device)
         seconds = time.perf_counter() - start
         if self.calls == 1:
             self.first_seconds = seconds

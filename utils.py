@@ -394,13 +394,24 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda handle: json.dump(obj, handle, indent=2, sort_keys=False), "w")
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them CPU bf16 is emulated and measured 10-20x slower than fp32 (AVX2 EPYC)."""
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native bf16 features (AVX512-BF16, AMX) that /proc/cpuinfo lists."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return []
+    return [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: without them CPU bf16 is emulated and measured 10-20x slower than fp32 (AVX2 EPYC)."""
+    return bool(cpu_bf16_flags())
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def resolve_amp(amp: str, device: str, local_rank_arg: int | None = None) -> str:

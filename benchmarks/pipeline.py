@@ -53,7 +53,7 @@ from benchmarks.throughput import count_vit_passes  # noqa: E402
 from config.settings import TaskIdentitySettings  # noqa: E402
 from datasets.scenario import Scenario  # noqa: E402
 from models import METHODS  # noqa: E402
-from utils import UserError, atomic_write_json  # noqa: E402
+from utils import UserError, atomic_write_json, cpu_bf16_flags  # noqa: E402
 
 DATASET = "digits"
 METHOD_CHOICES = ("hideprompt", "l2p", "dualprompt", "sprompt", "continual_lora", "hidelora", "linear", "ncm",
@@ -298,13 +298,8 @@ def benchmark_method(method: str, args: argparse.Namespace, extra: Sequence[str]
 # ----------------------------------------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     env = environment("cpu")
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": env["cpu"], "cpus": env["cpus"], "bf16_flags": [f for f in ("avx512_bf16", "amx_bf16")
-                                                                   if f in cpuinfo],
+    return {"cpu": env["cpu"], "cpus": env["cpus"], "bf16_flags": cpu_bf16_flags(),
             "gpu": gpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
             "load_average": os.getloadavg()[0]}
 

@@ -44,6 +44,7 @@ from utils import (  # noqa: E402
     maybe_autocast,
     resolve_device,
     seed_everything,
+    synchronize,
 )
 
 
@@ -59,11 +60,6 @@ def count_vit_passes(method: torch.nn.Module) -> Iterator[list[int]]:
     finally:
         for hook in hooks:
             hook.remove()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
