@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import engine  # noqa: E402
 import main as entry  # noqa: E402
 from benchmarks.gpu_check import environment  # noqa: E402
-from benchmarks.throughput import count_vit_passes  # noqa: E402
+from benchmarks.throughput import aligned_table, count_vit_passes  # noqa: E402
 from config.settings import TaskIdentitySettings  # noqa: E402
 from datasets.scenario import Scenario  # noqa: E402
 from models import METHODS  # noqa: E402
@@ -312,14 +312,6 @@ def header(env: dict[str, Any], args: argparse.Namespace, extra: Sequence[str]) 
             f"{DATASET}_<method> {' '.join([*DEFAULT_FLAGS, *extra])} | {args.tasks} tasks x {args.epochs} epoch(s)")
 
 
-def _aligned(cells: list[list[str]]) -> str:
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = [" | ".join(c.ljust(w) if not i else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def method_table(result: dict[str, Any]) -> str:
     cells = [["phase", "seconds", "share", "images", "ViT passes/img"]]
     cells += [[r["phase"], f"{r['seconds']:.2f}", f"{100 * r['share']:.1f}%", str(r["images"] or "-"),
@@ -331,7 +323,7 @@ def method_table(result: dict[str, Any]) -> str:
               f"{'starves' if v['starves'] else 'OK'}" for v in result["loader"]]
     title = (f"{result['subcommand']}: engine.run {result['run_seconds']:.1f} s (before it, main.py's setup: data, "
              f"model {result['setup_seconds']:.1f} s); the run's loader: {result['run_workers']} workers")
-    return "\n".join([title, _aligned(cells), *loader])
+    return "\n".join([title, aligned_table(cells), *loader])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -175,6 +175,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                num(_ratio(r.get("train_backward_ms"), r.get("train_forward_ms")), "{:.2f}"),
                num(r.get("train_peak_percent")), num(r.get("eval_peak_percent"))]
               for r in rows]
+    return aligned_table(cells)
+
+
+def aligned_table(cells: list[list[str]]) -> str:
+    """Rows of cells as text columns: the first left-aligned, the others right-aligned, a rule under the header."""
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in cells]
