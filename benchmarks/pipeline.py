@@ -49,10 +49,11 @@ import torch  # noqa: E402
 import engine  # noqa: E402
 import main as entry  # noqa: E402
 from benchmarks.gpu_check import environment  # noqa: E402
-from benchmarks.throughput import aligned_table, count_vit_passes  # noqa: E402
+from benchmarks.throughput import count_vit_passes  # noqa: E402
 from config.settings import TaskIdentitySettings  # noqa: E402
 from datasets.scenario import Scenario  # noqa: E402
 from models import METHODS  # noqa: E402
+from text_table import aligned_table  # noqa: E402
 from utils import UserError, atomic_write_json, cpu_bf16_flags  # noqa: E402
 
 DATASET = "digits"

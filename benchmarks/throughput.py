@@ -37,6 +37,7 @@ from config.resolved import Config  # noqa: E402
 from datasets import build_scenario  # noqa: E402
 from models import create_method  # noqa: E402
 from models.base import ContinualMethod  # noqa: E402
+from text_table import aligned_table  # noqa: E402
 from utils import (  # noqa: E402
     AMP_DTYPES,
     UserError,
@@ -176,15 +177,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                num(r.get("train_peak_percent")), num(r.get("eval_peak_percent"))]
               for r in rows]
     return aligned_table(cells)
-
-
-def aligned_table(cells: list[list[str]]) -> str:
-    """Rows of cells as text columns: the first left-aligned, the others right-aligned, a rule under the header."""
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = [" | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
-             for row in cells]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _run(args: argparse.Namespace, rest: list[str]) -> int:
