@@ -387,6 +387,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     of the write itself (torch's own writer turns it into an opaque RuntimeError)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
+    atomic_write_bytes(buffer, path)
+
+
+def atomic_write_bytes(buffer: io.BytesIO, path: str | Path) -> None:
     _atomic_write(Path(path), lambda handle: handle.write(buffer.getbuffer()), "wb")
 
 
