@@ -398,6 +398,11 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda handle: json.dump(obj, handle, indent=2, sort_keys=False), "w")
 
 
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """UTF-8 whatever the locale: generated docs hold characters (—, ±) an ASCII locale cannot encode."""
+    _atomic_write(Path(path), lambda handle: handle.write(text.encode("utf-8")), "wb")
+
+
 def cpu_bf16_flags() -> list[str]:
     """The CPU's native bf16 features (AVX512-BF16, AMX) that /proc/cpuinfo lists."""
     try:
