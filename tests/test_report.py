@@ -236,3 +236,23 @@ def test_run_matrix_figure_shows_only_what_was_evaluated_by_task_t():
     ax = plots.run_matrix_figure(acc, 1).axes[0]
     texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
     assert texts == {(0, 0): "90.0", (0, 1): "80.0", (1, 1): "60.0"}
+
+
+def test_ledger_fills_ours_only_from_one_group_of_finished_runs(tmp_path, capsys):
+    import ledger
+    rows = [i for i, r in enumerate(ledger.ROWS) if r.runs == "output/cifar100_vit_pe_seed*"]  # in two tables
+    for seed, acc in LINEAR.items():
+        fabricate(tmp_path / "output" / f"cifar100_vit_pe_seed{seed}", ["digits_linear", "--seed", str(seed)], acc)
+    fabricate(tmp_path / "output" / "imr_vit_pe_seed1", ["digits_linear", "--seed", "1"], LINEAR[1])
+    fabricate(tmp_path / "output" / "imr_vit_pe_seed2", ["digits_linear", "--seed", "2", "--lr", "0.01"], LINEAR[2])
+    code, out, _ = run_report(capsys, "--ledger", str(tmp_path / "output"))
+    assert code == 0
+    filled = {i: cells for i in range(len(ledger.ROWS))
+              if (cells := report.ledger_cells(report.group_runs(
+                  report.load_run(p) for p in report.find_result_files([str(tmp_path / "output")])),
+                  ledger.ROWS[i].runs))}
+    assert list(filled) == rows  # ImageNet-R's two runs differ in settings: never merged into one cell
+    for row in rows:
+        assert filled[row]["FAA"] == "78.67 ± 3.51 (3 seeds)" and filled[row]["FFM"] == "8.67 ± 1.15 (3 seeds)"
+    assert out == ledger.render(filled) + "\n"
+    assert out.count("not yet run") == ledger.render().count("not yet run") - len(rows) * len(ledger.METRICS)
