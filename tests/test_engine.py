@@ -125,22 +125,29 @@ def test_distributed_evaluation_is_exact_with_odd_shards(tmp_path, fake_cifar):
 @pytest.mark.distributed
 def test_demo_under_torchrun_with_two_processes(tmp_path):
     """The README's main job: HiDe-Prompt's two launches, then baselines and prompt methods, under torchrun (2 gloo
-    processes), then the table with the task-identity accuracy."""
+    processes), each run in <name>_seed42, then the report's table (one seed: a row per run) with the task-identity
+    accuracy."""
     import subprocess
     out = tmp_path / "demo"
     result = subprocess.run(["bash", "training_script/demo.sh", str(out)], cwd=REPO, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "the report failed" not in result.stderr, result.stderr[-3000:]
     assert "test\\after" in result.stdout  # the accuracy matrix is printed
-    table = result.stdout[result.stdout.index("final metrics"):]
-    assert "task id." in table and "digits_hideprompt (tii)" in table and "digits_hideprompt (wtp)" in table
+    _, *table = result.stdout[result.stdout.rindex("Split Digits, 2 processes, final metrics"):].splitlines()
+    # the output ends with the report: its header, then the rows, nothing of the runs after the heading
+    assert any(all(column in line for column in ("FAA", "TII", "seeds")) for line in table), table
+    assert not [line for line in table if "################" in line or "test\\after" in line]
+    text = "\n".join(table)
     for name in ("hideprompt_stage1", "hideprompt", "ncm", "linear", "dualprompt"):
-        results = read_json(out / name / "results.json")
+        results = read_json(out / f"{name}_seed42" / "results.json")
         assert results["completed_tasks"] == results["num_tasks"] == 5
-        assert results["config"]["context"]["world_size"] == 2
-        assert f"{results['final']['avg_acc']:.2f}" in table and f"{results['final']['avg_tii_acc']:.2f}" in table
-        assert list((out / name / "tensorboard").glob("events.out.tfevents.*"))
-    stage1, stage2 = (read_json(out / name / "results.json") for name in ("hideprompt_stage1", "hideprompt"))
-    assert stage2["config"]["hide"]["trained_original_model"] == str(out / "hideprompt_stage1")
+        assert results["config"]["context"]["world_size"] == 2 and results["config"]["run"]["seed"] == 42
+        assert results["subcommand"] in text
+        assert f"{results['final']['avg_acc']:.2f}" in text and f"{results['final']['avg_tii_acc']:.2f}" in text
+        assert list((out / f"{name}_seed42" / "tensorboard").glob("events.out.tfevents.*"))
+    stage1, stage2 = (read_json(out / f"{name}_seed42" / "results.json")
+                      for name in ("hideprompt_stage1", "hideprompt"))
+    assert stage2["config"]["hide"]["trained_original_model"] == str(out / "hideprompt_stage1_seed42")
     # stage 2 picks each test image's prompt with stage 1's task prediction: the same task-identity accuracy
     assert stage2["final"]["tii_acc"] == stage1["final"]["tii_acc"]

@@ -1,11 +1,14 @@
+# shellcheck shell=bash
 # Shared by the train_<dataset>_<backbone>.sh and train_<dataset>_lora.sh scripts (sourced, not run): HiDe's two
 # launches per seed, as the reference's scripts make them. Stage 1 (task-identity inference, always the hideprompt
 # subcommand, as the reference) for every seed into ./output/<stage-1 dir>_seed<seed>, then stage 2 (hideprompt or
 # hidelora) for every seed into ./output/<stage-2 dir>_seed<seed>, reading stage 1 with --trained_original_model.
 # Environment: NPROC (processes, default per script), DATA_PATH (default ./datasets), SEEDS, MASTER_PORT.
-# Extra script arguments go to every launch (e.g. --resume after an interruption).
+# Extra script arguments go to every launch (e.g. --resume after an interruption); DRY_RUN=1 or --dry-run first
+# prints the launches (common.sh). The script ends with report_runs: the report over stage 1's and stage 2's runs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source training_script/common.sh
 DATA_PATH=${DATA_PATH:-./datasets}
 PORT=${MASTER_PORT:-29501}
 
@@ -17,13 +20,13 @@ hide_stages() {
   local seed
   for seed in $SEEDS; do
     # shellcheck disable=SC2086 # the flag strings are meant to split into words
-    torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${dataset}_hideprompt" \
+    launch_run torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${dataset}_hideprompt" \
       --model "$original" --original_model "$original" --data-path "$DATA_PATH" --seed "$seed" \
       --train_inference_task_only --output_dir "./output/${tii_dir}_seed${seed}" $tii_flags "$@"
   done
   for seed in $SEEDS; do
     # shellcheck disable=SC2086
-    torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${dataset}_${method}" \
+    launch_run torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${dataset}_${method}" \
       --model "$model" --original_model "$original" --data-path "$DATA_PATH" --seed "$seed" \
       --trained_original_model "./output/${tii_dir}_seed${seed}" \
       --output_dir "./output/${wtp_dir}_seed${seed}" $wtp_flags "$@"
@@ -46,7 +49,7 @@ one_stage_per_seed() {
   local seed
   for seed in $SEEDS; do
     # shellcheck disable=SC2086
-    torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "$subcommand" --model "$model" \
+    launch_run torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "$subcommand" --model "$model" \
       --data-path "$DATA_PATH" --seed "$seed" --output_dir "./output/${out_dir}_seed${seed}" $flags "$@"
   done
 }

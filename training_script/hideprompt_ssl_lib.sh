@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by the train_<dataset>_<backbone>.sh scripts of the self-supervised backbones (sourced, not run): HiDe-Prompt's
 # two launches with the reference's settings for these backbones, which are rows of the preset table (per dataset and
 # backbone, per stage). The backbone's weight file must be in ./checkpoints (python main.py --list_backbones names it).

@@ -8,3 +8,4 @@ SEEDS=${SEEDS:-"42 40 44"}
 source "$(dirname "$0")/hideprompt_lib.sh"
 # the paper's settings of both stages are the five_datasets_hideprompt presets
 hide_two_stage five_datasets vit_base_patch16_224.orig_in21k 5datasets_vit 5datasets_vit "" "" "$@"
+report_runs

@@ -4,6 +4,7 @@
 #   NPROC=8 DATA_PATH=./datasets bash training_script/train_cifar100_baselines.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source training_script/common.sh
 NPROC=${NPROC:-8}
 DATA_PATH=${DATA_PATH:-./datasets}
 PORT=${MASTER_PORT:-29501}
@@ -11,8 +12,9 @@ SEEDS=${SEEDS:-"42 40 44"}
 
 for seed in $SEEDS; do
   for method in ncm linear fix finetune joint; do
-    torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "cifar100_${method}" \
+    launch_run torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "cifar100_${method}" \
       --model vit_base_patch16_224.orig_in21k --batch-size 24 --data-path "$DATA_PATH" --seed "$seed" \
       --output_dir "./output/cifar100_${method}_seed${seed}" "$@"
   done
 done
+report_runs

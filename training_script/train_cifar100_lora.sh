@@ -14,3 +14,4 @@ source "$(dirname "$0")/hideprompt_lib.sh"
 one_stage_per_seed cifar100_continual_lora "$LORA_MODEL" cifar100_continual_lora "" "$@"
 hide_stages cifar100 hidelora vit_base_patch16_224.orig_in21k "$LORA_MODEL" \
   cifar100_sup21k_lora_tii_multi_centroid_mlp_2 cifar100_hidelora "" "" "$@"
+report_runs

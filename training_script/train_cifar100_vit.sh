@@ -6,3 +6,4 @@ SEEDS=${SEEDS:-"42 40 44"}
 source "$(dirname "$0")/hideprompt_lib.sh"
 # the paper's settings of both stages are the cifar100_hideprompt presets
 hide_two_stage cifar100 vit_base_patch16_224.orig_in21k cifar100_sup21k cifar100_vit "" "" "$@"
+report_runs

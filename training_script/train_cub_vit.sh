@@ -7,3 +7,4 @@ SEEDS=${SEEDS:-42}
 source "$(dirname "$0")/hideprompt_lib.sh"
 # the paper's settings of both stages are the cub_hideprompt presets
 hide_two_stage cub vit_base_patch16_224.orig_in21k cub_vit cub_vit "" "" "$@"
+report_runs

@@ -6,3 +6,4 @@ NPROC=${NPROC:-8}
 SEEDS=${SEEDS:-"42 40 44"}
 source "$(dirname "$0")/hideprompt_ssl_lib.sh"
 hide_ssl_two_stage imr ibot21k vit_base_patch16_224.ibot_in22k "$@"
+report_runs

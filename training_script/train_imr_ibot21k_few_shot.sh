@@ -7,6 +7,7 @@
 #   NPROC=8 DATA_PATH=./datasets SEEDS=42 bash training_script/train_imr_ibot21k_few_shot.sh [main.py flags...]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source training_script/common.sh
 NPROC=${NPROC:-8}
 SEEDS=${SEEDS:-42}
 DATA_PATH=${DATA_PATH:-./datasets}
@@ -14,12 +15,17 @@ PORT=${MASTER_PORT:-29501}
 MODEL=vit_base_patch16_224_21k_ibot
 for seed in $SEEDS; do
   out="./output/imr_ibot21k_few_shot_seed${seed}"
+  vanilla="./output/imr_ibot21k_vanilla_model_seed${seed}"
+  shared="./output/imr_ibot21k_shared_model_seed${seed}"
   # the paper's settings (50 epochs at lr 0.01, rank 8; 50 episodes of 5-way 5-shot) are the preset's
   common=(imr_few_shot_lora --model "$MODEL" --data-path "$DATA_PATH" --seed "$seed" --output_dir "$out"
-          --vanilla_model_output_dir "./output/imr_ibot21k_vanilla_model_seed${seed}"
-          --shared_model_output_dir "./output/imr_ibot21k_shared_model_seed${seed}")
+          --vanilla_model_output_dir "$vanilla" --shared_model_output_dir "$shared")
   for part in --train_vanilla --train_shared; do
-    torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" "$part" "$@"
+    run_or_print torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" "$part" "$@"
   done
-  torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" --train_few_shot "$@"
+  run_or_print torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" --train_few_shot "$@"
+  # the runs (results.json) are the two upstream ones; the episodes' few_shot_*.json in $out are no run
+  record_run "$vanilla"
+  record_run "$shared"
 done
+report_runs

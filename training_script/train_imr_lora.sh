@@ -14,3 +14,4 @@ source "$(dirname "$0")/hideprompt_lib.sh"
 one_stage_per_seed imr_continual_lora "$LORA_MODEL" imr_continual_lora "" "$@"
 hide_stages imr hidelora vit_base_patch16_224.orig_in21k "$LORA_MODEL" imr_vit_lora_tii_multi_centroid_mlp_2 \
   imr_hidelora "--epochs 50" "" "$@"
+report_runs

@@ -6,3 +6,4 @@ SEEDS=${SEEDS:-"42 40 44"}
 source "$(dirname "$0")/hideprompt_lib.sh"
 # the paper's settings of both stages are the imr_hideprompt presets
 hide_two_stage imr vit_base_patch16_224.orig_in21k imr_vit imr_vit "" "" "$@"
+report_runs
