@@ -143,7 +143,7 @@ def test_demo_under_torchrun_with_two_processes(tmp_path):
         results = read_json(out / f"{name}_seed42" / "results.json")
         assert results["completed_tasks"] == results["num_tasks"] == 5
         assert results["config"]["context"]["world_size"] == 2 and results["config"]["run"]["seed"] == 42
-        assert results["subcommand"] in text
+        assert results["method"] in text
         assert f"{results['final']['avg_acc']:.2f}" in text and f"{results['final']['avg_tii_acc']:.2f}" in text
         assert list((out / f"{name}_seed42" / "tensorboard").glob("events.out.tfevents.*"))
     stage1, stage2 = (read_json(out / f"{name}_seed42" / "results.json")
