@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import engine
 import few_shot
@@ -19,7 +20,7 @@ from datasets import build_scenario, load_benchmark
 from datasets.scenario import LoaderSettings
 from models import create_method
 from models.backbones import resolve_backbone, weights_file
-from run_files import check_output_dir, lock_output_dir, release_output_dirs
+from run_files import check_output_dir, held_run, lock_output_dir, release_output_dirs, run_folder_for
 from utils import (
     AbortedOnOtherRank,
     UserError,
@@ -103,8 +104,11 @@ def _run(cfg: Config) -> int:
     # the class split and the weight files are checked before any data is read, so these fail in a second
     build_scenario(data.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset)
     check_weight_files(cfg)
-    check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume)
+    check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume,
+                     suggestion=run_folder_for(cfg.subcommand, cfg.run.seed))
     lock_output_dir(cfg.run.output_dir, create=False)  # a folder in use stops a second launch here, at once
+    if cfg.run.resume and not cfg.run.eval and is_main_process() and held_run(Path(cfg.run.output_dir)) is None:
+        warn(f"--resume: {cfg.run.output_dir} holds no run to resume; the run starts at task 1")
 
     seed_everything(cfg.run.seed)
     benchmark = load_benchmark(data.dataset, data.data_path, cfg.backbone.input_size)

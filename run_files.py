@@ -29,6 +29,8 @@ from utils import (
 # The file rank 0 holds an exclusive flock on while a run writes in its folder. It is never deleted: a process that
 # deleted it could let two later runs lock two different files of the same name.
 LOCK_FILE = ".lock"
+# what a run writes at the top of its folder first: a folder holding none of them holds no run
+RUN_FILES = ("config.json", "results.json", "checkpoint")
 # folder -> descriptor of its locked lock file; open until release_output_dirs() or the process's exit
 _held: dict[Path, int] = {}
 # when this process started (near enough: when it imported this), so that its record is the same for each of its runs
@@ -54,14 +56,41 @@ def completed_tasks(output_dir: str | Path, num_tasks: int) -> int:
 
 
 def check_output_dir(output_dir: str, num_tasks: int, evaluating: bool, resuming: bool,
-                     flag: str = "--output_dir") -> None:
+                     flag: str = "--output_dir", suggestion: str = "") -> None:
     """Refuse, before anything is written, to overwrite a run, to write where we cannot, or to evaluate nothing
-    (`flag` names the option that chose `output_dir`). Rank 0 decides for every rank: another node may not see the
-    folder (`lock_output_dir` then says so)."""
-    run_on_main_only(lambda: _check_output_dir(Path(output_dir), num_tasks, evaluating, resuming, flag))
+    (`flag` names the option that chose `output_dir`; `suggestion` is a free folder to propose). A folder holding
+    other files or other runs' folders, but no run at its top, is free. Rank 0 decides for every rank: another node
+    may not see the folder (`lock_output_dir` then says so)."""
+    run_on_main_only(lambda: _check_output_dir(Path(output_dir), num_tasks, evaluating, resuming, flag, suggestion))
 
 
-def _check_output_dir(out: Path, num_tasks: int, evaluating: bool, resuming: bool, flag: str) -> None:
+def held_run(folder: Path) -> str | None:
+    """What run `folder` holds at its top (its config.json, results.json or task checkpoints), e.g. "a run of
+    digits_l2p (seed 42, 2/5 tasks done)", or None."""
+    if not any((folder / name).exists() for name in RUN_FILES):
+        return None
+    try:
+        config = flat_settings(json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError, AttributeError):
+        return "a run"
+    num_tasks = config.get("num_tasks")
+    progress = f", {completed_tasks(folder, int(num_tasks))}/{num_tasks} tasks done" if num_tasks else ""
+    return f"a run of {config.get('subcommand', '?')} (seed {config.get('seed', '?')}{progress})"
+
+
+def run_folder_for(subcommand: str, seed: int, resuming: bool = False, parent: str = "./output") -> str:
+    """A folder of its own for a run: `<parent>/<subcommand>_seed<seed>`, or with a suffix `_2`, `_3`... when that
+    one holds a run already; to resume, the last of them that holds a run."""
+    def candidate(k: int) -> Path:
+        return Path(parent) / (f"{subcommand}_seed{seed}" + (f"_{k}" if k > 1 else ""))
+    k = 1
+    while held_run(candidate(k)) is not None:
+        k += 1
+    return str(candidate(max(k - 1, 1) if resuming else k))
+
+
+def _check_output_dir(out: Path, num_tasks: int, evaluating: bool, resuming: bool, flag: str,
+                      suggestion: str) -> None:
     if evaluating:
         missing = [str(checkpoint_path(out, t)) for t in range(num_tasks) if not checkpoint_path(out, t).is_file()]
         if missing:
@@ -73,9 +102,10 @@ def _check_output_dir(out: Path, num_tasks: int, evaluating: bool, resuming: boo
     if checkpoint_path(out, 0).parent.exists() and not checkpoint_path(out, 0).parent.is_dir():
         raise UserError(f"{flag} {out}: {checkpoint_path(out, 0).parent} is a file where the task checkpoints go; "
                         f"move it or choose another {flag}")
-    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not resuming:  # a lock is no run
-        raise UserError(f"{flag} {out} is not empty; pass --resume to continue the run in it, "
-                        f"or choose another {flag}")
+    held = held_run(out)
+    if held is not None and not resuming:
+        raise UserError(f"{flag} {out} holds {held}; pass --resume to continue it, or choose another folder"
+                        + (f", e.g. {suggestion}" if suggestion else ""))
     existing = out
     while not existing.exists():
         existing = existing.parent

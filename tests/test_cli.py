@@ -119,11 +119,12 @@ def test_errors_name_the_problem_and_write_nothing(capsys, tmp_path, monkeypatch
     err = _fails_with_one_line(capsys, "digits_linear", "--eval", *common)
     assert "--eval needs the checkpoint of every task" in err and "task1_checkpoint.pth" in err
     assert not out.exists()
-    # a non-empty output folder is never overwritten
+    # a folder holding a run is never overwritten
     out.mkdir()
     (out / "results.json").write_text("{}")
     err = _fails_with_one_line(capsys, "digits_linear", *common)
-    assert "is not empty; pass --resume" in err
+    assert f"--output_dir {out} holds a run; pass --resume to continue it, or choose another folder, e.g. " \
+           f"output/digits_linear_seed42" in err
     assert sorted(p.name for p in out.iterdir()) == ["results.json"] and (out / "results.json").read_text() == "{}"
 
 

@@ -173,7 +173,7 @@ def test_a_lock_file_alone_is_an_empty_folder_and_no_stale_temporary(tmp_path):
     check_output_dir(str(tmp_path), 5, evaluating=False, resuming=False)  # a fresh run may start in it
     assert utils.remove_stale_temporaries(tmp_path) == [] and (tmp_path / LOCK_FILE).exists()
     (tmp_path / "results.json").write_text("{}")
-    with pytest.raises(utils.UserError, match="is not empty; pass --resume"):
+    with pytest.raises(utils.UserError, match="holds a run; pass --resume"):
         check_output_dir(str(tmp_path), 5, evaluating=False, resuming=False)
 
 

@@ -1,0 +1,57 @@
+"""What a new user meets first: output folders that hold other runs' folders, --resume with nothing to resume,
+refusals that name the run a folder holds and a free folder to use instead."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY, fails_with_one_line, folder_snapshot, read_json, run_main
+from run_files import held_run, run_folder_for
+
+FAST = [*TINY, "--epochs", "1", "--num_tasks", "2", "--batch-size", "16"]
+
+
+def test_a_run_folder_of_its_own_gets_a_suffix_when_taken_and_resume_takes_the_last(tmp_path):
+    parent = str(tmp_path / "output")
+    assert run_folder_for("digits_l2p", 42, parent=parent) == f"{parent}/digits_l2p_seed42"
+    assert run_folder_for("digits_l2p", 42, resuming=True, parent=parent) == f"{parent}/digits_l2p_seed42"
+    for name in ("digits_l2p_seed42", "digits_l2p_seed42_2"):
+        (tmp_path / "output" / name).mkdir(parents=True)
+        (tmp_path / "output" / name / "config.json").write_text('{"subcommand": "digits_l2p", "seed": 42}')
+    (tmp_path / "output" / "digits_l2p_seed7").mkdir()  # another seed's folder, empty: no run
+    assert run_folder_for("digits_l2p", 42, parent=parent) == f"{parent}/digits_l2p_seed42_3"
+    assert run_folder_for("digits_l2p", 42, resuming=True, parent=parent) == f"{parent}/digits_l2p_seed42_2"
+    assert run_folder_for("digits_l2p", 7, parent=parent) == f"{parent}/digits_l2p_seed7"
+    assert held_run(tmp_path / "output") is None  # holds runs' folders, not a run
+    assert held_run(tmp_path / "output" / "digits_l2p_seed42") == "a run of digits_l2p (seed 42)"
+
+
+@pytest.mark.slow
+def test_a_folder_holding_only_other_runs_folders_is_a_valid_output_dir(tmp_path):
+    out = tmp_path / "output"
+    (out / "demo" / "ncm_seed42").mkdir(parents=True)
+    (out / "demo" / "ncm_seed42" / "results.json").write_text("{}")
+    before = folder_snapshot(out / "demo")
+    assert run_main("digits_linear", "--output_dir", str(out), *FAST) == 0
+    assert read_json(out / "results.json")["completed_tasks"] == 2
+    assert folder_snapshot(out / "demo") == before
+
+
+@pytest.mark.slow
+def test_resume_with_nothing_to_resume_says_so_and_starts_at_task_1(tmp_path, capsys):
+    out = tmp_path / "fresh"
+    assert run_main("digits_linear", "--output_dir", str(out), *FAST, "--resume") == 0
+    err = capsys.readouterr().err
+    assert f"warning: --resume: {out} holds no run to resume; the run starts at task 1" in err
+    assert read_json(out / "results.json")["completed_tasks"] == 2
+
+
+@pytest.mark.slow
+def test_a_folder_holding_another_run_is_refused_naming_that_run_and_a_free_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "output"
+    assert run_main("digits_linear", "--output_dir", str(out), *FAST, "--stop_after_task", "1", "--seed", "3") == 0
+    before = folder_snapshot(out)
+    err = fails_with_one_line(capsys, "digits_l2p", "--output_dir", str(out), *FAST)
+    assert err == (f"error: --output_dir {out} holds a run of digits_linear (seed 3, 1/2 tasks done); pass --resume "
+                   f"to continue it, or choose another folder, e.g. output/digits_l2p_seed42")
+    assert folder_snapshot(out) == before
