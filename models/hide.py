@@ -17,14 +17,16 @@ HiDe-Prompt and HiDe-LoRA differ only in their `Instruction`.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from config.resolved import Config
+from config.resolved import Config, flat_settings
 from config.settings import HiDeSettings, QueryModelSettings, SlotSettings, TaskAdaptiveSettings, TaskIdentitySettings
 from datasets.scenario import Scenario
 from divergence import check_tensors
@@ -244,14 +246,34 @@ class StoredTaskIdentity:
         self.loaded: int | None = None
 
     def check(self, num_tasks: int) -> None:
+        self._refuse_continual_lora()
         check_run_complete(self.directory, num_tasks, "--trained_original_model", STAGE1_HINT)
         self.ensure(0)
+
+    def _refuse_continual_lora(self) -> None:
+        """The reference's README feeds HiDe-LoRA a continual-LoRA run: its loader (strict=False) takes only that
+        run's backbone and head and leaves the task-identity MLP untrained. Say so, and what to run instead."""
+        try:
+            method = flat_settings(json.loads((Path(self.directory) / "config.json").read_text())).get("method")
+        except (OSError, ValueError, AttributeError):
+            return  # no readable config: the checks of its checkpoints say what is wrong
+        if method != "continual_lora":
+            return
+        cfg = self.method.cfg
+        stage1 = f"./output/{cfg.dataset_key}_hideprompt_seed{cfg.run.seed}"
+        raise UserError(f"--trained_original_model {self.directory} is a continual-LoRA run: the reference would load "
+                        f"only its backbone and head and leave the task-identity model's MLP untrained, so it is "
+                        f"refused; train the task-identity stage with `python main.py {cfg.dataset_key}_hideprompt "
+                        f"--train_inference_task_only --seed {cfg.run.seed} --output_dir {stage1}` and pass "
+                        f"--trained_original_model {stage1}")
 
     def ensure(self, t: int) -> None:
         if self.loaded == t:  # stage 2 never changes the TII model: task t's is still in place
             return
         state = read_run_checkpoint(
-            self.directory, t, self.method.cfg, "a HiDe-Prompt stage-1 checkpoint, the TII model HiDe-LoRA shares",
+            self.directory, t, self.method.cfg,
+            f"a stage-1 (task-identity) checkpoint of HiDe-Prompt or HiDe-LoRA, which "
+            f"{self.method.instruction_class.display_name} reads",
             lambda c: c.get("method") in HIDE_METHODS and c.get("stage") in ("tii", "both"), STAGE1_KEYS, STAGE1_HINT)
         load_prefixed(self.method.tii, state, "tii.", str(checkpoint_path(self.directory, t)))
         self.loaded = t

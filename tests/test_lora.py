@@ -177,7 +177,17 @@ def test_hidelora_refuses_what_the_reference_silently_loaded(runs, tmp_path, cap
     # the reference's README points HiDe-LoRA at a continual-LoRA run; its strict=False load drops the LoRA weights
     err = _fails(capsys, "digits_hidelora", "--trained_original_model", str(runs / "continual"), "--output_dir",
                  str(tmp_path / "a"), *HIDE_FAST)
-    assert "not a HiDe-Prompt stage-1 checkpoint" in err
+    stage1 = "./output/digits_hideprompt_seed42"
+    assert err == (f"error: --trained_original_model {runs / 'continual'} is a continual-LoRA run: the reference would "
+                   f"load only its backbone and head and leave the task-identity model's MLP untrained, so it is "
+                   f"refused; train the task-identity stage with `python main.py digits_hideprompt "
+                   f"--train_inference_task_only --seed 42 --output_dir {stage1}` and pass --trained_original_model "
+                   f"{stage1}")
+    # a run of any other kind: its method and stage, and what the stage-2 method reads
+    err = _fails(capsys, "digits_hideprompt", "--trained_original_model", str(runs / "wtp"), "--output_dir",
+                 str(tmp_path / "c"), *HIDE_FAST)
+    assert "is not a stage-1 (task-identity) checkpoint of HiDe-Prompt or HiDe-LoRA, which HiDe-Prompt reads " \
+           "(method 'hidelora', stage 'wtp')" in err
     broken = tmp_path / "broken"
     shutil.copytree(runs / "tii", broken)
     for t in (1, 2):
