@@ -2,9 +2,15 @@
 refusals that name the run a folder holds and a free folder to use instead."""
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
-from conftest import TINY, fails_with_one_line, folder_snapshot, read_json, run_main
+from conftest import REPO, TINY, fails_with_one_line, folder_snapshot, read_json, run_main
 from run_files import held_run, run_folder_for
 
 FAST = [*TINY, "--epochs", "1", "--num_tasks", "2", "--batch-size", "16"]
@@ -55,3 +61,31 @@ def test_a_folder_holding_another_run_is_refused_naming_that_run_and_a_free_fold
     assert err == (f"error: --output_dir {out} holds a run of digits_linear (seed 3, 1/2 tasks done); pass --resume "
                    f"to continue it, or choose another folder, e.g. output/digits_l2p_seed42")
     assert folder_snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_run_sh_sets_up_once_and_again_only_when_the_requirements_change(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# nothing pinned\n")
+    env = {**os.environ, "VENV": str(tmp_path / "venv"), "REQUIREMENTS": str(requirements),
+           "PYTHON": sys.executable}
+
+    def set_up() -> tuple[str, float]:
+        start = time.perf_counter()
+        done = subprocess.run(["bash", "run.sh", "setup"], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout, time.perf_counter() - start
+
+    out, _ = set_up()
+    assert out.splitlines() == [f"creating the virtual environment {tmp_path / 'venv'}",
+                                f"installing {requirements} into {tmp_path / 'venv'} (the first time takes a few "
+                                f"minutes)"]
+    stamp = tmp_path / "venv" / "requirements.sha256"
+    assert stamp.read_text().strip() == hashlib.sha256(requirements.read_bytes()).hexdigest()
+    out, seconds = set_up()
+    assert out == "" and seconds < 10  # nothing to do
+    requirements.write_text("# changed\n")
+    out, _ = set_up()
+    assert out.splitlines() == [f"installing {requirements} into {tmp_path / 'venv'} (the first time takes a few "
+                                f"minutes)"]
