@@ -4,8 +4,11 @@
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +29,9 @@ from utils import (
     UserError,
     cleanup_distributed,
     init_distributed,
+    is_dist,
     is_main_process,
+    launcher_ranks,
     log,
     lost_contact_cause,
     seed_everything,
@@ -60,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(stop, file=sys.stderr, flush=True)
         return preemption.EXIT_CODE
     except UserError as err:
-        if not isinstance(err, AbortedOnOtherRank) and is_main_process():
+        if not isinstance(err, AbortedOnOtherRank) and speaks_for_the_run():
+            record_for_launcher(f"error: {err}")
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as err:  # only a lost process (the check below); any other error raises as it would
@@ -77,6 +83,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         release_output_dirs()
         cleanup_distributed(peers_lost)
+
+
+def speaks_for_the_run() -> bool:
+    """Rank 0 alone prints a run's verdict, also before the process group exists (a command line refused at once
+    under torchrun would otherwise be printed by every process)."""
+    if is_dist():
+        return is_main_process()
+    ranks = launcher_ranks()
+    return ranks is None or ranks[0] == 0
+
+
+def record_for_launcher(message: str) -> None:
+    """Under torchrun, the error file it gives each worker: its failure summary then shows this line as the root
+    cause instead of `error_file: <N/A>` (the file format of torch.distributed.elastic's error handler)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with contextlib.suppress(OSError):  # the launcher's summary is a courtesy; the exit code already tells
+            Path(path).write_text(json.dumps({"message": {"message": message, "extraInfo": {
+                "py_callstack": message, "timestamp": str(int(time.time()))}}}))
 
 
 def _log_run(cfg: Config, method, scenario, ctx) -> None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, TINY, fails_with_one_line, folder_snapshot, read_json, run_main
+from conftest import REPO, TINY, fails_with_one_line, folder_snapshot, read_json, run_cli, run_main
 from run_files import held_run, run_folder_for
 
 FAST = [*TINY, "--epochs", "1", "--num_tasks", "2", "--batch-size", "16"]
@@ -89,3 +89,16 @@ def test_run_sh_sets_up_once_and_again_only_when_the_requirements_change(tmp_pat
     out, _ = set_up()
     assert out.splitlines() == [f"installing {requirements} into {tmp_path / 'venv'} (the first time takes a few "
                                 f"minutes)"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_under_torchrun_one_rank_prints_the_error_and_torchrun_shows_it_as_the_root_cause(tmp_path):
+    result = run_cli(["digits_linear", "--device", "cpu", "--output_dir", str(tmp_path / "out"),
+                      "--pretrained_checkpoint", str(tmp_path / "absent.pth")], nproc=2)
+    assert result.returncode != 0
+    line = f"error: weights file {tmp_path / 'absent.pth'} does not exist"
+    assert [x for x in result.stderr.splitlines() if x.startswith("error: ")] == [line]  # rank 0 alone
+    root_cause = result.stderr[result.stderr.index("Root Cause"):]
+    assert f"traceback : {line}" in root_cause and "error_file: <N/A>" not in root_cause
+    assert not (tmp_path / "out").exists()
