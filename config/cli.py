@@ -246,10 +246,24 @@ def _selected(dataset_key: str, method: str, values: dict[str, Any]) -> dict[str
 
 def layered_values(dataset_key: str, method: str, explicit: dict[str, Any]) -> dict[str, Any]:
     """Field defaults < every matching preset row < the command line. The rows that select a backbone or a stage
-    match what the others and the command line resolve to."""
+    match what the others and the command line resolve to. --original_model follows a --model given on the command
+    line unless it is given too (see `_follows_model`)."""
     base = default_values(all_groups())
     first = {**base, **preset_values({"dataset": dataset_key, "method": method}), **explicit}
-    return {**base, **preset_values(_selected(dataset_key, method, first)), **explicit}
+    preset = {**base, **preset_values(_selected(dataset_key, method, first))}
+    values = {**preset, **explicit}
+    if _follows_model(preset, explicit):
+        values["original_model"] = values["model"]
+    return values
+
+
+def _follows_model(preset: dict[str, Any], explicit: dict[str, Any]) -> bool:
+    """Users swap backbones with --model alone: a query / task-identity model the presets left on the presets'
+    --model swaps with it. One the presets chose apart from --model, or one given on the command line, stays."""
+    if "model" not in explicit or "original_model" in explicit:
+        return False
+    same = resolve_backbone(preset["original_model"], "--original_model").name
+    return same == resolve_backbone(preset["model"], "--model").name
 
 
 def _check_choices_and_minimums(values: dict[str, Any], names: Sequence[str]) -> None:
