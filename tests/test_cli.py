@@ -5,7 +5,7 @@ import pytest
 
 from config.cli import parse_args, str2bool, subcommands
 from config.presets import preset_values
-from conftest import TINY, run_main
+from conftest import TINY, run_cli, run_main
 from utils import UserError
 
 
@@ -155,3 +155,75 @@ def test_the_baselines_script_launches_every_baseline_per_seed(tmp_path):
     commands = script_commands("train_cifar100_baselines.sh", tmp_path=tmp_path, env={"SEEDS": "1"})
     assert [c[0] for c in commands] == [f"cifar100_{m}" for m in ("ncm", "linear", "fix", "finetune", "joint")]
     assert all(parse_args(c).output_dir == f"./output/{c[0]}_seed1" for c in commands)
+
+
+# --- --original_model follows --model ------------------------------------------------------------------------------
+SMALL, SMALL_PINNED = "vit_small_patch16_224", "vit_small_patch16_224.augreg_in21k_ft_in1k"
+DINO, SUP21K = "vit_base_patch16_224.dino", "vit_base_patch16_224.orig_in21k"
+
+
+def _printed_config(capsys, *args: str) -> dict:
+    capsys.readouterr()
+    assert run_main(*args, "--print_config") == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_every_query_or_task_identity_model_follows_model(capsys, tmp_path):
+    from config.settings import QueryModelSettings
+    from models import METHODS
+    with_query = sorted(m for m, cls in METHODS.items() if QueryModelSettings in cls.settings_groups)
+    assert with_query == ["dualprompt", "hidelora", "hideprompt", "l2p", "sprompt"]
+    weights = str(tmp_path / "w.pth")  # never read by --print_config
+    for method in with_query:  # digits' presets set both models to the tiny ViT
+        config = _printed_config(capsys, f"digits_{method}", "--model", SMALL, "--pretrained_checkpoint", weights)
+        assert config["query"] == {"original_model": SMALL, "original_model_checkpoint": weights}, method
+        assert (config["context"]["backbone"], config["context"]["original_backbone"]) == (SMALL_PINNED, SMALL_PINNED)
+    for method in ("continual_lora", "few_shot_lora", "linear"):  # no second model: nothing to follow
+        config = _printed_config(capsys, f"digits_{method}", "--model", SMALL)
+        assert "query" not in config and config["context"]["original_backbone"] is None
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_backbone_swap_of_the_entry_point_moves_the_task_identity_model_too():
+    done = run_cli(["cifar100_hideprompt", "--model", "vit_base_patch16_224_dino", "--print_config"])
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)
+    assert config["query"]["original_model"] == config["backbone"]["model"] == "vit_base_patch16_224_dino"
+    assert config["context"]["backbone"] == config["context"]["original_backbone"] == DINO
+    assert config["hideprompt"]["prompt_momentum"] == 0.1  # and the self-supervised preset rows apply
+
+
+def test_an_explicit_original_model_always_wins(capsys, tmp_path):
+    weights = str(tmp_path / "w.pth")
+    config = _printed_config(capsys, "cifar100_hideprompt", "--model", "vit_base_patch16_224_dino",
+                             "--original_model", "vit_base_patch16_224", "--pretrained_checkpoint", weights)
+    assert config["query"] == {"original_model": "vit_base_patch16_224", "original_model_checkpoint": None}
+    assert (config["context"]["backbone"], config["context"]["original_backbone"]) == (DINO, SUP21K)
+    assert config["context"]["explicit_flags"] == ["model", "original_model", "pretrained_checkpoint", "print_config"]
+    config = _printed_config(capsys, "digits_l2p", "--original_model", SMALL)  # the preset's --model stays
+    assert (config["backbone"]["model"], config["query"]["original_model"]) == ("vit_tiny_patch16_224", SMALL)
+    config = _printed_config(capsys, "digits_l2p", "--model", SMALL, "--pretrained_checkpoint", weights,
+                             "--original_model_checkpoint", str(tmp_path / "q.pth"))
+    assert config["query"] == {"original_model": SMALL, "original_model_checkpoint": str(tmp_path / "q.pth")}
+
+
+def test_a_preset_original_model_apart_from_the_presets_model_stays(capsys, monkeypatch):
+    from config import presets
+    monkeypatch.setattr(presets, "PRESETS", [*presets.PRESETS, presets._p("digits", "l2p", original_model=SMALL)])
+    config = _printed_config(capsys, "digits_l2p", "--model", "vit_base_patch16_224_dino")
+    assert (config["context"]["backbone"], config["context"]["original_backbone"]) == (DINO, SMALL_PINNED)
+    assert _printed_config(capsys, "digits_dualprompt", "--model", SMALL)["query"]["original_model"] == SMALL
+
+
+def test_a_run_started_before_original_model_followed_model_compares_by_what_it_recorded(tmp_path):
+    from config.resolved import config_to_dict
+    from run_files import check_same_experiment
+    # what `--model <dino>` resolved to before: the Sup-21K task-identity model, recorded in its config.json
+    before = config_to_dict(parse_args(["cifar100_hideprompt", "--model", DINO, "--original_model", SUP21K]))
+    assert before["context"]["original_backbone"] == SUP21K
+    with pytest.raises(UserError, match=f"original_backbone: '{SUP21K}' there, '{DINO}' here"):
+        check_same_experiment(before, parse_args(["cifar100_hideprompt", "--model", DINO]), tmp_path)
+    check_same_experiment(before, parse_args(["cifar100_hideprompt", "--model", DINO, "--original_model",
+                                              "vit_base_patch16_224"]), tmp_path)  # the alias: the same backbone
+    default = config_to_dict(parse_args(["cifar100_l2p"]))  # no --model: nothing moved
+    check_same_experiment(default, parse_args(["cifar100_l2p"]), tmp_path)
