@@ -12,7 +12,9 @@ import difflib
 import math
 import os
 import re
+import shutil
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -99,7 +101,7 @@ def _add_field(parser: argparse.ArgumentParser, group: type, f: Field) -> None:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # one line, not a usage block
-        raise UserError(f"{message}; `python main.py {self.prog} --help` lists the flags")
+        raise UserError(f"{message}; `python {entry_script()} {self.prog} --help` lists the flags")
 
 
 def build_parser(subcommand: str) -> argparse.ArgumentParser:
@@ -123,14 +125,17 @@ def default_values(groups: Sequence[type]) -> dict[str, Any]:
     return values
 
 
-def _flag_spellings() -> dict[str, str]:
-    """Every spelling of every flag -> the flag as help shows it."""
-    return {name: primary_flag(f) for group in all_groups() for f in fields(group) for name in flag_names(f)}
+def _flag_spellings(groups: Sequence[type]) -> dict[str, str]:
+    """Every spelling of every flag of `groups` -> the flag as help shows it."""
+    return {name: primary_flag(f) for group in groups for f in fields(group) for name in flag_names(f)}
 
 
 def _suggest(word: str, candidates: Sequence[str], shown: dict[str, str] | None = None) -> str:
-    """'; did you mean X or Y?' with the closest candidates (each as `shown` names it), or ''."""
+    """'; did you mean X?' with the closest candidate (as `shown` names it), or ''. Others are named only when
+    about as close (within 0.05 of its similarity), so a near miss (`--epoch`) gets one answer, not a list."""
     close = difflib.get_close_matches(word, candidates, n=6, cutoff=0.6)
+    ratio = [difflib.SequenceMatcher(None, word, c).ratio() for c in close]
+    close = [c for c, r in zip(close, ratio, strict=True) if r >= ratio[0] - 0.05]
     names = list(dict.fromkeys((shown or {}).get(c, c) for c in close))[:3]
     return f"; did you mean {' or '.join(names)}?" if names else ""
 
@@ -154,8 +159,8 @@ def split_subcommand_name(subcommand: str) -> tuple[str, str]:
         keys = own_dataset_keys(method) if METHODS[method].own_datasets else dataset_keys()
         if subcommand.endswith(f"_{method}") and dataset_key in keys:
             return dataset_key, method
-    raise UserError(f"unknown subcommand {subcommand!r}{_suggest(subcommand, subcommands())} "
-                    f"(`python main.py --help` lists them all: {', '.join(subcommands())})")
+    hint = _suggest(subcommand, subcommands()) or f"; `python {entry_script()} --help` lists the subcommands"
+    raise UserError(f"unknown subcommand {subcommand}{hint}")
 
 
 def _split_subcommand(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -179,19 +184,43 @@ def _alias(subcommand: str) -> str:
 
 
 def entry_script() -> str:
-    return os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "main.py"  # fsl.py, the alias
+    name = os.path.basename(sys.argv[0])
+    return name if name == "fsl.py" else "main.py"  # fsl.py: the reference's few-shot entry point, an alias
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Help
 # ----------------------------------------------------------------------------------------------------------------
+def _width() -> int:
+    return max(60, shutil.get_terminal_size((100, 24)).columns - 1)
+
+
+def _wrapped(text: str, indent: int) -> str:
+    return textwrap.fill(text, _width(), subsequent_indent=" " * indent, break_long_words=False,
+                         break_on_hyphens=False)
+
+
+def subcommands_by_dataset() -> dict[str, list[str]]:
+    """The subcommands under their dataset key, datasets in the order the subcommands list them."""
+    grouped: dict[str, list[str]] = {}
+    for name in subcommands():
+        grouped.setdefault(split_subcommand_name(name)[0], []).append(name)
+    return grouped
+
+
 def top_level_help() -> str:
-    datasets = ", ".join(f"{k} ({preset_values({'dataset': k})['dataset']})" for k in dataset_keys())
-    return (
-        f"usage: {entry_script()} <dataset>_<method> [flags]   ({entry_script()} <subcommand> --help lists its flags, "
-        "--help-all every flag)\n"
-        f"       {entry_script()} --list_backbones              (the backbone names, their weights and files)\n\n"
-        f"datasets: {datasets}\nmethods:  {', '.join(METHODS)}\n\nsubcommands:\n  " + "\n  ".join(subcommands()))
+    script = entry_script()
+    grouped = subcommands_by_dataset()
+    column = max(map(len, grouped)) + 4
+    lines = [f"usage: {script} <subcommand> [flags]     a subcommand is <dataset>_<method>",
+             f"       {script} <subcommand> --help      its flags and defaults (--help-all: all)",
+             f"       {script} --list_backbones         backbone names, weights and files", "",
+             _wrapped(f"methods: {' '.join(METHODS)}", 9), "", "subcommands, by dataset:"]
+    for key, names in grouped.items():
+        lines.append(_wrapped(f"  {key + ':':<{column - 2}}{' '.join(names)}", column))
+    known = {key: preset_values({"dataset": key}).get("dataset") for key in grouped}
+    lines += ["", _wrapped("benchmarks: " + ", ".join(f"{k} = {name}" for k, name in known.items() if name), 12)]
+    return "\n".join(lines)
 
 
 def _format_value(value: Any) -> str:
@@ -200,24 +229,31 @@ def _format_value(value: Any) -> str:
     return "(none)" if value is None or value == "" else str(value)
 
 
+def _flag_line(group: type, f: Field, value: Any) -> str:
+    element, is_list = _field_type(group, f)
+    kind = element.__name__.upper() + (" ..." if is_list else "")
+    choices = f.metadata.get("choices")
+    choice_text = f" {{{','.join(map(str, choices))}}}" if choices else ""
+    text = f.metadata.get("help")
+    return f"  {primary_flag(f)} {kind}{choice_text}  (default: {_format_value(value)})" + (f"  {text}" if text else "")
+
+
 def format_help(subcommand: str, groups: Sequence[type], values: dict[str, Any], every: bool) -> str:
-    lines = [f"usage: {entry_script()} {subcommand} [flags]      (defaults below are what {subcommand} resolves to)"]
+    """One line per flag, with the value `subcommand` resolves it to; wrapped to a terminal's width, and left whole
+    when piped, so that `--help | grep FLAG` shows a flag with its default and meaning."""
+    lines = [f"usage: {entry_script()} {subcommand} [flags]",
+             f"(default: ...) is what {subcommand} resolves a flag to, with the flags given before --help"]
     shown = [g for g in groups if g is not CompatSettings]
     for group in shown:
-        lines.append(f"\n{group.title}:")
-        for f in fields(group):
-            element, is_list = _field_type(group, f)
-            kind = element.__name__.upper() + (" ..." if is_list else "")
-            choices = f.metadata.get("choices")
-            choice_text = f" {{{','.join(map(str, choices))}}}" if choices else ""
-            lines.append(f"  {primary_flag(f)} {kind}{choice_text}  (default: {_format_value(values.get(f.name))})")
-            if f.metadata.get("help"):
-                lines.append(f"      {f.metadata['help']}")
+        lines += ["", f"{group.title}:", *(_flag_line(group, f, values.get(f.name)) for f in fields(group))]
     compat = [primary_flag(f) for f in fields(CompatSettings)]
+    lines.append("")
     if not every:
-        lines.append(f"\n{len(all_groups()) - len(shown) - 1} more groups belong to other methods: --help-all lists "
+        lines.append(f"{len(all_groups()) - len(shown) - 1} more groups belong to other methods: --help-all lists "
                      "them (given here, their flags warn that they have no effect)")
-    lines.append(f"\naccepted for compatibility with the reference, no effect: {' '.join(compat)}")
+    lines.append(f"accepted for compatibility with the reference, no effect: {' '.join(compat)}")
+    if sys.stdout.isatty():
+        lines = [_wrapped(line, 6) for line in lines]
     return "\n".join(lines)
 
 
@@ -246,10 +282,24 @@ def _selected(dataset_key: str, method: str, values: dict[str, Any]) -> dict[str
 
 def layered_values(dataset_key: str, method: str, explicit: dict[str, Any]) -> dict[str, Any]:
     """Field defaults < every matching preset row < the command line. The rows that select a backbone or a stage
-    match what the others and the command line resolve to."""
+    match what the others and the command line resolve to. --original_model follows a --model given on the command
+    line unless it is given too (see `_follows_model`)."""
     base = default_values(all_groups())
     first = {**base, **preset_values({"dataset": dataset_key, "method": method}), **explicit}
-    return {**base, **preset_values(_selected(dataset_key, method, first)), **explicit}
+    preset = {**base, **preset_values(_selected(dataset_key, method, first))}
+    values = {**preset, **explicit}
+    if _follows_model(preset, explicit):
+        values["original_model"] = values["model"]
+    return values
+
+
+def _follows_model(preset: dict[str, Any], explicit: dict[str, Any]) -> bool:
+    """Users swap backbones with --model alone: a query / task-identity model the presets left on the presets'
+    --model swaps with it. One the presets chose apart from --model, or one given on the command line, stays."""
+    if "model" not in explicit or "original_model" in explicit:
+        return False
+    same = resolve_backbone(preset["original_model"], "--original_model").name
+    return same == resolve_backbone(preset["model"], "--model").name
 
 
 def _check_choices_and_minimums(values: dict[str, Any], names: Sequence[str]) -> None:
@@ -353,10 +403,17 @@ def _explicit_values(parser: argparse.ArgumentParser, subcommand: str, rest: lis
         word = unknown[0]
         if word.startswith("-"):
             name = word.split("=", 1)[0]
-            spellings = _flag_spellings()
-            raise UserError(f"unknown flag {name} for {subcommand}{_suggest(name, list(spellings), spellings)}")
+            raise UserError(f"unrecognized flag {name}{_flag_hint(name, subcommand)}")
         raise UserError(f"unexpected argument {word!r} after the subcommand {subcommand}; flags start with --")
     return vars(namespace)
+
+
+def _flag_hint(name: str, subcommand: str) -> str:
+    """The closest flags (of any method: another method's flag is accepted with a warning), else where the flags
+    are listed."""
+    spellings = _flag_spellings([g for g in all_groups() if g is not CompatSettings])
+    listed = f"; `python {entry_script()} {subcommand} --help` lists the flags"
+    return _suggest(name, list(spellings), spellings) or listed
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -370,7 +427,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         if any(a in ("-h", "--help", "--help-all") for a in argv):
             print(top_level_help())
             raise SystemExit(0)
-        raise UserError(f"no subcommand given; choose one of: {', '.join(subcommands())}")
+        raise UserError(f"no subcommand given (e.g. python {entry_script()} digits_l2p); `python {entry_script()} "
+                        "--help` lists them")
     subcommand = _alias(subcommand)
     dataset_key, method = split_subcommand_name(subcommand)
     parser = build_parser(subcommand)

@@ -177,7 +177,8 @@ COMMON_GROUPS: tuple[type, ...] = (RunSettings, DistSettings, OptimSettings, Dat
 @dataclass(frozen=True)
 class QueryModelSettings(SettingsGroup):
     title, key = "query / task-identity model", "query"
-    original_model: str = setting("vit_base_patch16_224.orig_in21k", "query / task-identity model")
+    original_model: str = setting("vit_base_patch16_224.orig_in21k", "query / task-identity model; follows "
+                                  "--model unless given (give both for the reference's two-backbone runs)")
     original_model_checkpoint: str | None = setting(
         None, "weight file for --original_model (default: --pretrained_checkpoint when both name the same backbone, "
         "else the name's own weights)", metavar="PATH")
