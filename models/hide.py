@@ -243,6 +243,13 @@ class StoredTaskIdentity:
         self.method, self.directory = method, directory
         self.loaded: int | None = None
 
+    @staticmethod
+    def check_run(directory: str, num_tasks: int, cfg: Config) -> None:
+        """The run in `directory` has every task checkpoint, and its first is a stage-1 one made with `cfg`'s
+        settings (HiDe's `check_before_data`, before any data or model)."""
+        check_run_complete(directory, num_tasks, "--trained_original_model", STAGE1_HINT)
+        _read_stage1(directory, 0, cfg)
+
     def check(self, num_tasks: int) -> None:
         check_run_complete(self.directory, num_tasks, "--trained_original_model", STAGE1_HINT)
         self.ensure(0)
@@ -250,11 +257,17 @@ class StoredTaskIdentity:
     def ensure(self, t: int) -> None:
         if self.loaded == t:  # stage 2 never changes the TII model: task t's is still in place
             return
-        state = read_run_checkpoint(
-            self.directory, t, self.method.cfg, "a HiDe-Prompt stage-1 checkpoint, the TII model HiDe-LoRA shares",
-            lambda c: c.get("method") in HIDE_METHODS and c.get("stage") in ("tii", "both"), STAGE1_KEYS, STAGE1_HINT)
+        state = _read_stage1(self.directory, t, self.method.cfg)
         load_prefixed(self.method.tii, state, "tii.", str(checkpoint_path(self.directory, t)))
         self.loaded = t
+
+
+def _read_stage1(directory: str, t: int, cfg: Config) -> dict[str, torch.Tensor]:
+    """Task t's model state of the stage-1 run in `directory`, once its config shows it is one that agrees with
+    `cfg`."""
+    return read_run_checkpoint(
+        directory, t, cfg, "a HiDe-Prompt stage-1 checkpoint, the TII model HiDe-LoRA shares",
+        lambda c: c.get("method") in HIDE_METHODS and c.get("stage") in ("tii", "both"), STAGE1_KEYS, STAGE1_HINT)
 
 
 class HiDeMethod(ContinualMethod):
@@ -286,6 +299,12 @@ class HiDeMethod(ContinualMethod):
             instruction = cls.instruction_class
             raise UserError(f"{instruction.display_name} keeps a {instruction.slot_kind} per task: --size "
                             f"{draft.size} < {draft.num_tasks} tasks")
+
+    @classmethod
+    def check_before_data(cls, cfg: Config) -> None:
+        hide = cfg.group(HiDeSettings)
+        if hide.stage == "wtp":
+            StoredTaskIdentity.check_run(hide.trained_original_model, cfg.data.num_tasks, cfg)
 
     def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__(cfg, scenario)
