@@ -21,7 +21,7 @@ from config.resolved import Config, config_json, config_to_dict
 from config.settings import QueryModelSettings
 from datasets import build_scenario, load_benchmark
 from datasets.scenario import LoaderSettings
-from models import create_method
+from models import METHODS, create_method
 from models.backbones import resolve_backbone, weights_file
 from run_files import check_output_dir, held_run, lock_output_dir, release_output_dirs, run_folder_for
 from utils import (
@@ -49,6 +49,30 @@ def check_weight_files(cfg: Config) -> None:
     for name, checkpoint, flag in models:
         if cfg.backbone.pretrained or checkpoint:
             weights_file(resolve_backbone(name, flag), checkpoint)
+
+
+def check_before_data(cfg: Config) -> None:
+    """Every check that needs no data: the class split, the weight files, the files the method reads (HiDe's stage-1
+    run) and the output folder. All run before the dataset is touched, so they fail in a second and together: more
+    than one problem is one line, "N problems: (1) ... (2) ..."."""
+    data = cfg.data
+    checks = (lambda: build_scenario(data.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset),
+              lambda: check_weight_files(cfg),
+              lambda: METHODS[cfg.method].check_before_data(cfg),
+              lambda: check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume,
+                                       suggestion=run_folder_for(cfg.subcommand, cfg.run.seed)))
+    problems: list[UserError] = []
+    for check in checks:  # every one runs, on every rank: check_output_dir is a collective
+        try:
+            check()
+        except UserError as err:
+            problems.append(err)
+    aborted = [err for err in problems if isinstance(err, AbortedOnOtherRank)]  # rank 0 tells the problems
+    messages = list(dict.fromkeys(str(err) for err in problems))  # --model and --original_model may agree
+    if aborted or len(messages) == 1:
+        raise (aborted or problems)[0]
+    if messages:
+        raise UserError(f"{len(messages)} problems: " + " ".join(f"({i}) {m}" for i, m in enumerate(messages, 1)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,11 +150,7 @@ def _run(cfg: Config) -> int:
         check_weight_files(cfg)
         return few_shot.run(cfg, ctx)
     data = cfg.data
-    # the class split and the weight files are checked before any data is read, so these fail in a second
-    build_scenario(data.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset)
-    check_weight_files(cfg)
-    check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume,
-                     suggestion=run_folder_for(cfg.subcommand, cfg.run.seed))
+    check_before_data(cfg)
     lock_output_dir(cfg.run.output_dir, create=False)  # a folder in use stops a second launch here, at once
     if cfg.run.resume and not cfg.run.eval and is_main_process() and held_run(Path(cfg.run.output_dir)) is None:
         warn(f"--resume: {cfg.run.output_dir} holds no run to resume; the run starts at task 1")

@@ -222,18 +222,42 @@ def run_on_main_only(fn: Callable[[], T]) -> T | None:
 def _preparation_lock(folder: Path, create: bool) -> Iterator[None]:
     """An exclusive lock on `folder` (made first when `create`), so that the nodes that share a data folder take
     turns and the later ones find the data in place. No lock where the folder is absent and not to be made, is
-    read-only or has no flock: the preparation then runs unlocked, as it would on a single node."""
+    read-only or has no flock: the preparation then runs unlocked, as it would on a single node.
+
+    A preparation that fails leaves neither the lock file nor the folders it made for it, so a failed download adds
+    nothing to the data folder. Another node may still hold that deleted file: at worst two nodes then prepare at
+    once, which the downloads and extractions survive (each builds its copy apart and renames it into place)."""
+    lock_path = folder / PREPARATION_LOCK
+    made = [path for path in (folder, *folder.parents) if not path.exists()] if create else []  # deepest first
+    made_lock = not lock_path.exists()
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / PREPARATION_LOCK, "a")  # noqa: SIM115 (held across the yield)
+        lock = open(lock_path, "a")  # noqa: SIM115 (held across the yield)
     except OSError:
         yield
         return
-    with lock:
-        with suppress(OSError):  # no flock on this file system
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    succeeded = False
+    try:
+        with lock:
+            with suppress(OSError):  # no flock on this file system
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+        succeeded = True
+    finally:
+        if not succeeded:
+            _remove_made(lock_path if made_lock else None, made)
+
+
+def _remove_made(lock_path: Path | None, folders: list[Path]) -> None:
+    """The lock file a failed preparation made, then each folder it made that is empty (deepest first): what another
+    process put there meanwhile stays."""
+    if lock_path is not None:
+        with suppress(OSError):
+            lock_path.unlink(missing_ok=True)
+    for path in folders:
+        with suppress(OSError):
+            path.rmdir()
 
 
 def _prepare(fn: Callable[[], T], folder: Path, create: bool) -> tuple[T | None, str | None]:

@@ -1,4 +1,4 @@
-"""Safe, all-or-nothing extraction of dataset archives (ImageNet-R's .tar, CUB's .tgz)."""
+"""Safe, all-or-nothing downloads and extraction of dataset archives (ImageNet-R's .tar, CUB's .tgz)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from utils import UserError
@@ -71,3 +72,46 @@ def extract_folder_from_tar(archive: Path, folder_name: str, root: Path, source:
                                 f"remove what is there and run again") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _merge(source: Path, target: Path) -> None:
+    """Move every entry of `source` into `target` (made if absent): folders are merged, files replace their
+    namesakes (a fresh download over a damaged copy). Each entry is one rename, so a reader sees it whole or not."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        destination = target / entry.name
+        if entry.is_dir() and destination.is_dir():
+            _merge(entry, destination)
+            continue
+        try:
+            os.replace(entry, destination)
+        except OSError as err:
+            if entry.is_dir() and destination.is_dir():  # another node moved its copy into place first: merge in
+                _merge(entry, destination)
+                continue
+            raise UserError(f"cannot move the downloaded {entry.name} to {destination} ({err.strerror or err}); "
+                            f"remove what is there and run again") from err
+
+
+def download_into(root: Path, fetch: Callable[[Path], None]) -> None:
+    """`fetch(folder)` downloads (and may extract) into an empty temporary folder; once it returns, what it left
+    there is moved into `root`. If it raises, nothing new is left under `root`, nor `root` itself when it did not
+    exist: a failed download on a machine without network leaves no half-made data tree.
+
+    The temporary folder is a hidden one in `root`, or in the nearest existing folder above it, so that the moves are
+    renames on one file system; it is removed whatever happens."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".downloading-", dir=_nearest_existing(root)))
+    except OSError as err:
+        raise UserError(f"cannot download into {root} ({err.strerror or err}); choose a writable --data-path") from err
+    try:
+        fetch(staging)
+        _merge(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

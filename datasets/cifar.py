@@ -8,6 +8,7 @@ import numpy as np
 
 from utils import UserError, prepare_once_per_node
 
+from .archives import download_into
 from .base import ArrayImages, Benchmark, TransformedDataset
 from .transforms import cifar_transforms
 
@@ -44,7 +45,9 @@ def _ensure_present(root: Path, download: bool) -> None:
                         f"extract {CIFAR100_URL} into {root}")
     from torchvision.datasets.utils import download_and_extract_archive
     try:
-        download_and_extract_archive(CIFAR100_URL, str(root), md5=CIFAR100_MD5)
+        download_into(root, lambda staging: download_and_extract_archive(CIFAR100_URL, str(staging), md5=CIFAR100_MD5))
+    except UserError:
+        raise
     except Exception as err:  # network errors come in many types (URLError, socket errors, HTTP errors)
         raise UserError(f"CIFAR-100 not found in {folder} and the download from {CIFAR100_URL} failed "
                         f"({type(err).__name__}); extract that archive into {root}") from err

@@ -34,6 +34,7 @@ from torch.utils.data import ConcatDataset
 
 from utils import UserError, prepare_once_per_node
 
+from .archives import download_into
 from .base import IMAGE_EXTENSIONS, ArrayImages, Benchmark, ImageFiles, TransformedDataset
 from .cifar import read_cifar_pickle
 from .transforms import cifar_transforms, default_transforms
@@ -149,7 +150,7 @@ class Member:
     expected: str                       # what the error message says to place where
     source: str
     present: Callable[[], bool]
-    download: Callable[[], None] | None
+    download: Callable[[Path], None]    # downloads into the folder given (a temporary one, see download_into)
     read: Callable[[str], Split]        # "train" / "test" -> (loader, 0-based labels)
     transforms: Callable[[int], tuple]  # input_size -> (train transform, test transform)
 
@@ -189,24 +190,27 @@ def _idx_present(root: Path, name: str) -> bool:
     return _idx_complete(_mnist_folder(root, name))
 
 
-def _tv_download(root: Path, cls_name: str) -> Callable[[], None]:
+def _tv_download(cls_name: str) -> Callable[[Path], None]:
     """torchvision's download of both splits of one member."""
-    def download() -> None:
+    def download(folder: Path) -> None:
         import torchvision.datasets as tvd
         for train in (True, False):
             if cls_name == "SVHN":
-                tvd.SVHN(str(root), split="train" if train else "test", download=True)
+                tvd.SVHN(str(folder), split="train" if train else "test", download=True)
             else:
-                getattr(tvd, cls_name)(str(root), train=train, download=True)
+                getattr(tvd, cls_name)(str(folder), train=train, download=True)
     return download
 
 
-def _notmnist_download(root: Path) -> None:
-    archive = root / "notMNIST.zip"
-    if not archive.is_file():
-        from torchvision.datasets.utils import download_url
-        download_url(NOTMNIST_URL, str(root), filename="notMNIST.zip")
-    _extract_notmnist_zip(archive, root)
+def _notmnist_download(folder: Path) -> None:
+    """The zip alone; it is extracted where it lands, like one placed by hand."""
+    from torchvision.datasets.utils import download_url
+    download_url(NOTMNIST_URL, str(folder), filename="notMNIST.zip")
+
+
+def _unzip_notmnist(root: Path) -> None:
+    if not (root / "notMNIST").is_dir() and (root / "notMNIST.zip").is_file():
+        _extract_notmnist_zip(root / "notMNIST.zip", root)
 
 
 def _members(root: Path) -> list[Member]:
@@ -216,40 +220,44 @@ def _members(root: Path) -> list[Member]:
     return [
         Member("SVHN", f"{root}/train_32x32.mat and {root}/test_32x32.mat", SVHN_URL,
                lambda: all((root / f"{s}_32x32.mat").is_file() for s in ("train", "test")),
-               _tv_download(root, "SVHN"), _read_svhn(root), default_transforms),
+               _tv_download("SVHN"), _read_svhn(root), default_transforms),
         Member("MNIST", f"{root / 'MNIST' / 'raw'}/ with {idx_names} (.gz or not)", MNIST_URL,
-               lambda: _idx_present(root, "MNIST"), _tv_download(root, "MNIST"),
+               lambda: _idx_present(root, "MNIST"), _tv_download("MNIST"),
                _mnist_like(_mnist_folder(root, "MNIST"), MNIST_URL),
                default_transforms),
         Member("CIFAR-10", f"{cifar_folder}/ with data_batch_1..5 and test_batch", CIFAR10_URL,
                lambda: all((cifar_folder / n).is_file() for n in [f"data_batch_{i}" for i in range(1, 6)]
                            + ["test_batch"]),
-               _tv_download(root, "CIFAR10"), _read_cifar10(cifar_folder), cifar_transforms),
+               _tv_download("CIFAR10"), _read_cifar10(cifar_folder), cifar_transforms),
         Member("notMNIST", f"{notmnist_folder}/Train/<A..J>/*.png and {notmnist_folder}/Test/<A..J>/*.png "
                            f"(or {root}/notMNIST.zip)", NOTMNIST_URL,
                lambda: (notmnist_folder / "Train").is_dir() and (notmnist_folder / "Test").is_dir(),
-               lambda: _notmnist_download(root), _read_notmnist(notmnist_folder), default_transforms),
+               _notmnist_download, _read_notmnist(notmnist_folder), default_transforms),
         Member("Fashion-MNIST", f"{root / 'FashionMNIST' / 'raw'}/ with {idx_names} (.gz or not)", FASHION_URL,
-               lambda: _idx_present(root, "FashionMNIST"), _tv_download(root, "FashionMNIST"),
+               lambda: _idx_present(root, "FashionMNIST"), _tv_download("FashionMNIST"),
                _mnist_like(_mnist_folder(root, "FashionMNIST"), FASHION_URL), default_transforms),
     ]
 
 
+def _download(root: Path, member: Member) -> None:
+    """One member, moved into `root` only once its download is complete (the members downloaded before it stay)."""
+    try:
+        download_into(root, member.download)
+    except UserError:
+        raise
+    except Exception as err:  # network errors come in many types (URLError, socket errors, HTTP errors)
+        raise UserError(f"5-datasets member {member.name} not found and its download from {member.source} "
+                        f"failed ({type(err).__name__}); place {member.expected}") from err
+
+
 def _ensure_present(root: Path, download: bool) -> None:
     """Unzip a hand-placed notMNIST.zip, download what is absent when allowed, else name the first missing member."""
-    if not (root / "notMNIST").is_dir() and (root / "notMNIST.zip").is_file():
-        _extract_notmnist_zip(root / "notMNIST.zip", root)
+    _unzip_notmnist(root)
     missing = [m for m in _members(root) if not m.present()]
     if missing and download:
-        root.mkdir(parents=True, exist_ok=True)
         for member in missing:
-            try:
-                member.download()
-            except UserError:
-                raise
-            except Exception as err:  # network errors come in many types (URLError, socket errors, HTTP errors)
-                raise UserError(f"5-datasets member {member.name} not found and its download from {member.source} "
-                                f"failed ({type(err).__name__}); place {member.expected}") from err
+            _download(root, member)
+        _unzip_notmnist(root)
         missing = [m for m in _members(root) if not m.present()]
     if missing:
         first, others = missing[0], [m.name for m in missing[1:]]

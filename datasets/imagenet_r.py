@@ -16,7 +16,7 @@ import numpy as np
 
 from utils import UserError, atomic_write_json, prepare_once_per_node, warn
 
-from .archives import extract_folder_from_tar
+from .archives import download_into, extract_folder_from_tar
 from .base import IMAGE_EXTENSIONS, Benchmark, ImageFiles, TransformedDataset
 from .transforms import default_transforms
 
@@ -41,8 +41,9 @@ def _ensure_present(root: Path, download: bool) -> None:
                             f"download {IMAGENET_R_URL} into {root}")
         from torchvision.datasets.utils import download_url
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            download_url(IMAGENET_R_URL, str(root), filename=IMAGENET_R_ARCHIVE)
+            download_into(root, lambda staging: download_url(IMAGENET_R_URL, str(staging), filename=IMAGENET_R_ARCHIVE))
+        except UserError:
+            raise
         except Exception as err:  # network errors come in many types (URLError, socket errors, HTTP errors)
             raise UserError(f"ImageNet-R not found in {folder} and the download from {IMAGENET_R_URL} failed "
                             f"({type(err).__name__}); place imagenet-r.tar in {root} or extract it there") from err

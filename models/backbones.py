@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import math
 import pickle
 import re
+import socket
+import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,25 +326,113 @@ def find_local_file(backbone: Backbone, folder: Path = CHECKPOINTS_DIR) -> Path 
 
 def weights_file(backbone: Backbone, checkpoint: str | None) -> Path | None:
     """The file to load (`--pretrained_checkpoint`, else one in checkpoints/), or None for timm's hub. A name whose
-    weights exist only as a file, with no file, is an error saying where to put which file."""
+    weights exist only as a file, with no file, is an error saying where to put which file; so is a hub name while
+    the hub is unreachable and its weights are not in the local hub cache (at once, not after the hub's retries)."""
     if checkpoint:
         path = Path(checkpoint)
         if not path.is_file():
             raise UserError(f"weights file {checkpoint} does not exist")
         return path
     local = find_local_file(backbone)
-    if local is not None or backbone.hub:
+    if local is not None:
         return local
+    if backbone.hub:
+        reason = hub_offline_reason()
+        if reason is not None and not in_hub_cache(backbone):
+            raise _hub_unreachable(backbone, reason)
+        return None
     raise UserError(f"{backbone.display_name()} needs its weights file: put {' or '.join(backbone.files)} "
                     f"(published at {backbone.url}) in {CHECKPOINTS_DIR.resolve()}, or pass its path with "
                     f"--pretrained_checkpoint")
 
 
-def _hub_unreachable(backbone: Backbone, err: BaseException) -> UserError:
-    detail = str(err).strip().splitlines()[0][:100] if str(err).strip() else ""
-    return UserError(f"could not fetch {backbone.hub_id} from the Hugging Face hub ({type(err).__name__}: {detail}); "
+def _hub_unreachable(backbone: Backbone, cause: BaseException | str) -> UserError:
+    if isinstance(cause, BaseException):
+        detail = str(cause).strip().splitlines()[0][:100] if str(cause).strip() else ""
+        cause = f"{type(cause).__name__}: {detail}"
+    return UserError(f"could not fetch {backbone.hub_id} from the Hugging Face hub ({cause}); "
                      f"offline, put {' or '.join(backbone.files)} (from {backbone.url}) in "
                      f"{CHECKPOINTS_DIR.resolve()}, or pass --pretrained_checkpoint PATH")
+
+
+# How long the one connection check to the hub may take. Without it, a machine with no network spent a minute in the
+# hub client's retries ("Retrying in 8s", 12 times) before failing.
+HUB_CHECK_SECONDS = 3.0
+
+
+def _hub_address() -> tuple[str, int]:
+    """Where a hub request first connects: the proxy the environment names for the hub's endpoint (HF_ENDPOINT, or
+    huggingface.co), unless no_proxy exempts it, else the endpoint itself."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    from huggingface_hub import constants
+
+    endpoint = urlsplit(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    proxies = getproxies()
+    proxy = proxies.get(endpoint.scheme) or proxies.get("all")
+    if proxy and not proxy_bypass(host):
+        endpoint = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host = endpoint.hostname or host
+    return host, endpoint.port or (443 if endpoint.scheme == "https" else 80)
+
+
+@functools.cache
+def hub_offline_reason() -> str | None:
+    """Why timm's hub cannot be reached, in a few words, or None when it can. Decided once per process: HF_HUB_OFFLINE,
+    else one TCP connection to the hub (or its proxy) within HUB_CHECK_SECONDS, name lookup included (made in a
+    thread, since a lookup ignores socket timeouts)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "the hub client's offline mode is on (HF_HUB_OFFLINE)"
+    host, port = _hub_address()
+    outcome: list[OSError | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_CHECK_SECONDS).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=connect, name="hub-check", daemon=True)
+    thread.start()
+    thread.join(HUB_CHECK_SECONDS)
+    if not outcome:
+        return f"no connection to {host}:{port} within {HUB_CHECK_SECONDS:g} s"
+    if outcome[0] is not None:
+        return f"no connection to {host}:{port}: {outcome[0].strerror or outcome[0] or type(outcome[0]).__name__}"
+    return None
+
+
+def in_hub_cache(backbone: Backbone) -> bool:
+    """Whether the hub file timm loads for `backbone` is in the local hub cache (HF_HUB_CACHE), so it loads offline."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(backbone.name)
+    if cfg is None or not cfg.hf_hub_id:
+        return False
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    # timm asks for its cfg's file, else for model.safetensors before pytorch_model.bin
+    names = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(repo, name, revision=revision or None), str) for name in names)
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """The hub client in offline mode (local cache only, no request, no retry) while `offline`; the client reads the
+    flag at each request, so setting it here works after import."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,18 +526,20 @@ def build_backbone(backbone: Backbone, pretrained: bool, input_size: int, drop: 
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
-    path = weights_file(backbone, checkpoint) if pretrained or checkpoint else None
+    path = weights_file(backbone, checkpoint) if pretrained or checkpoint else None  # raises if offline, not cached
     from_hub = pretrained and path is None
+    offline = from_hub and hub_offline_reason() is not None
     kwargs = dict(num_classes=0, img_size=input_size, drop_rate=drop, drop_path_rate=drop_path,
                   **backbone.model_kwargs)
     try:
-        model = timm.create_model(backbone.name if from_hub else backbone.arch, pretrained=from_hub, **kwargs)
+        with _hub_offline(offline):
+            model = timm.create_model(backbone.name if from_hub else backbone.arch, pretrained=from_hub, **kwargs)
     except TypeError as err:
         raise UserError(f"{backbone.arch} is not a VisionTransformer this suite can drive ({err})") from err
     except Exception as err:  # the hub client raises its own, network and cache errors alike
         if not from_hub:
             raise
-        raise _hub_unreachable(backbone, err) from err
+        raise _hub_unreachable(backbone, hub_offline_reason() or err) from err
     if not isinstance(model, VisionTransformer):
         raise UserError(f"{backbone.arch} is a {type(model).__name__}, not a timm VisionTransformer")
     if path is not None:
@@ -455,7 +549,7 @@ def build_backbone(backbone: Backbone, pretrained: bool, input_size: int, drop: 
                  f"{' or '.join(lay.description for lay in backbone.layouts)}; is it the right file?")
         source = f"weights: {report.summary()}" + ("" if checkpoint else f" [{backbone.weights}]")
     elif from_hub:
-        source = f"weights: timm hub {backbone.hub_id} [{backbone.weights}]"
+        source = f"weights: timm hub {backbone.hub_id}{' (local hub cache)' if offline else ''} [{backbone.weights}]"
     else:
         source = "random initialisation (--pretrained False)"
     model.weights_summary = f"{backbone.display_name()}, architecture {backbone.architecture}, {source}"

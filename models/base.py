@@ -163,6 +163,12 @@ class ContinualMethod(nn.Module):
     def class_order(cls, draft: Any) -> list[int]:
         return make_class_order(draft.num_classes, draft.shuffle, draft.seed)
 
+    # --- run time, before the data is loaded ----------------------------------------------------------------------
+    @classmethod
+    def check_before_data(cls, cfg: Config) -> None:
+        """Checks of the files this method reads besides the data and the backbones (HiDe: the stage-1 run), made
+        before the data is loaded, so that a command line's problems show at once; none by default."""
+
     def train_mask(self, t: int) -> torch.Tensor | None:
         return self._task_masks[t] if self.cfg.optim.train_mask else None
 

@@ -245,38 +245,54 @@ class StoredTaskIdentity:
         self.method, self.directory = method, directory
         self.loaded: int | None = None
 
+    @staticmethod
+    def check_run(directory: str, num_tasks: int, cfg: Config) -> None:
+        """The run in `directory` has every task checkpoint, and its first is a stage-1 one made with `cfg`'s
+        settings (HiDe's `check_before_data`, before any data or model)."""
+        _refuse_continual_lora(directory, cfg)
+        check_run_complete(directory, num_tasks, "--trained_original_model", STAGE1_HINT)
+        _read_stage1(directory, 0, cfg)
+
     def check(self, num_tasks: int) -> None:
-        self._refuse_continual_lora()
+        _refuse_continual_lora(self.directory, self.method.cfg)
         check_run_complete(self.directory, num_tasks, "--trained_original_model", STAGE1_HINT)
         self.ensure(0)
-
-    def _refuse_continual_lora(self) -> None:
-        """The reference's README feeds HiDe-LoRA a continual-LoRA run: its loader (strict=False) takes only that
-        run's backbone and head and leaves the task-identity MLP untrained. Say so, and what to run instead."""
-        try:
-            method = flat_settings(json.loads((Path(self.directory) / "config.json").read_text())).get("method")
-        except (OSError, ValueError, AttributeError):
-            return  # no readable config: the checks of its checkpoints say what is wrong
-        if method != "continual_lora":
-            return
-        cfg = self.method.cfg
-        stage1 = f"./output/{cfg.dataset_key}_hideprompt_seed{cfg.run.seed}"
-        raise UserError(f"--trained_original_model {self.directory} is a continual-LoRA run: the reference would load "
-                        f"only its backbone and head and leave the task-identity model's MLP untrained, so it is "
-                        f"refused; train the task-identity stage with `python main.py {cfg.dataset_key}_hideprompt "
-                        f"--train_inference_task_only --seed {cfg.run.seed} --output_dir {stage1}` and pass "
-                        f"--trained_original_model {stage1}")
 
     def ensure(self, t: int) -> None:
         if self.loaded == t:  # stage 2 never changes the TII model: task t's is still in place
             return
-        state = read_run_checkpoint(
-            self.directory, t, self.method.cfg,
-            f"a stage-1 (task-identity) checkpoint of HiDe-Prompt or HiDe-LoRA, which "
-            f"{self.method.instruction_class.display_name} reads",
-            lambda c: c.get("method") in HIDE_METHODS and c.get("stage") in ("tii", "both"), STAGE1_KEYS, STAGE1_HINT)
+        state = _read_stage1(self.directory, t, self.method.cfg)
         load_prefixed(self.method.tii, state, "tii.", str(checkpoint_path(self.directory, t)))
         self.loaded = t
+
+
+def _refuse_continual_lora(directory: str, cfg: Config) -> None:
+    """The reference's README feeds HiDe-LoRA a continual-LoRA run: its loader (strict=False) takes only that run's
+    backbone and head and leaves the task-identity MLP untrained. Say so, and what to run instead."""
+    try:
+        method = flat_settings(json.loads((Path(directory) / "config.json").read_text())).get("method")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config: the checks of its checkpoints say what is wrong
+    if method != "continual_lora":
+        return
+    stage1 = f"./output/{cfg.dataset_key}_hideprompt_seed{cfg.run.seed}"
+    raise UserError(f"--trained_original_model {directory} is a continual-LoRA run: the reference would load only its "
+                    f"backbone and head and leave the task-identity model's MLP untrained, so it is refused; train "
+                    f"the task-identity stage with `python main.py {cfg.dataset_key}_hideprompt "
+                    f"--train_inference_task_only --seed {cfg.run.seed} --output_dir {stage1}` and pass "
+                    f"--trained_original_model {stage1}")
+
+
+STAGE2_NAMES = {"hideprompt": "HiDe-Prompt", "hidelora": "HiDe-LoRA"}
+
+
+def _read_stage1(directory: str, t: int, cfg: Config) -> dict[str, torch.Tensor]:
+    """Task t's model state of the stage-1 run in `directory`, once its config shows it is one that agrees with
+    `cfg`."""
+    return read_run_checkpoint(
+        directory, t, cfg, f"a stage-1 (task-identity) checkpoint of HiDe-Prompt or HiDe-LoRA, which "
+                           f"{STAGE2_NAMES.get(cfg.method, cfg.method)} reads",
+        lambda c: c.get("method") in HIDE_METHODS and c.get("stage") in ("tii", "both"), STAGE1_KEYS, STAGE1_HINT)
 
 
 class HiDeMethod(ContinualMethod):
@@ -308,6 +324,12 @@ class HiDeMethod(ContinualMethod):
             instruction = cls.instruction_class
             raise UserError(f"{instruction.display_name} keeps a {instruction.slot_kind} per task: --size "
                             f"{draft.size} < {draft.num_tasks} tasks")
+
+    @classmethod
+    def check_before_data(cls, cfg: Config) -> None:
+        hide = cfg.group(HiDeSettings)
+        if hide.stage == "wtp":
+            StoredTaskIdentity.check_run(hide.trained_original_model, cfg.data.num_tasks, cfg)
 
     def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__(cfg, scenario)

@@ -122,3 +122,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+
+@pytest.fixture
+def no_hub_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """No connection reaches the network: `socket.create_connection` (used by the hub check and by the hub client's
+    transport) is refused, the hub check is made afresh for the default endpoint with no proxy, the hub cache is an
+    empty folder. Yields the addresses tried; a test may patch `socket.create_connection` again."""
+    import huggingface_hub.constants as hub
+
+    from models.backbones import hub_offline_reason
+
+    tried: list[tuple] = []
+
+    def refuse(address, *args, **kwargs):
+        tried.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):  # the hub's own address, whatever the host
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setattr(hub, "ENDPOINT", "https://huggingface.co")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    hub_offline_reason.cache_clear()
+    yield tried
+    hub_offline_reason.cache_clear()  # no later test inherits this one's verdict
