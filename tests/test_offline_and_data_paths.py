@@ -237,7 +237,8 @@ def test_a_stage1_run_of_another_kind_is_refused_before_the_data(capsys, tmp_pat
         torch.save({"config": {"method": "continual_lora"}, "model": {}}, stage1 / f"task{t}_checkpoint.pth")
     err = fails_with_one_line(capsys, "cifar100_hidelora", *TINY, "--trained_original_model", str(stage1.parent),
                               "--data-path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"))
-    assert err.startswith(f"error: {stage1 / 'task1_checkpoint.pth'} is not a HiDe-Prompt stage-1 checkpoint")
+    assert err.startswith(f"error: {stage1 / 'task1_checkpoint.pth'} is not a stage-1 (task-identity) checkpoint of "
+                          f"HiDe-Prompt or HiDe-LoRA, which HiDe-LoRA reads (method 'continual_lora', stage None)")
     assert called == [] and not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
 
 
