@@ -107,9 +107,20 @@ class PromptPool(nn.Module):
         """
         batch = idx.shape[0]
         pool = self.prompt if pool is None else pool
-        if not self.prefix:
-            return pool[:, idx].reshape(self.num_layers, batch, self.top_k * self.length, -1)
-        chosen = pool[:, :, idx]  # (layers, 2, B, top_k, length, heads, head_dim)
+        chosen = _rows(pool, self.slot_dim, idx)
+        if not self.prefix:  # (layers, B, top_k, length, dim)
+            return chosen.reshape(self.num_layers, batch, self.top_k * self.length, -1)
+        # (layers, 2, B, top_k, length, heads, head_dim)
         if not legacy_reshape:
             chosen = chosen.permute(0, 2, 1, 3, 4, 5, 6)
         return chosen.reshape(self.num_layers, batch, 2, self.top_k * self.length, *chosen.shape[-2:])
+
+
+def _rows(pool: torch.Tensor, slot_dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """`pool` indexed by `idx` (B, top_k) along `slot_dim`, the indexed axes in its place: `pool[:, idx]` or
+    `pool[:, :, idx]`. As an embedding lookup, whose backward sums a slot chosen by several samples in a fixed order;
+    advanced indexing's backward (an accumulating index_put) sums them in thread-dependent order on CPU and GPU, so
+    identical runs would differ in the last bits."""
+    table = pool.movedim(slot_dim, 0)
+    rows = F.embedding(idx, table.reshape(table.shape[0], -1)).view(*idx.shape, *table.shape[1:])
+    return rows.permute(*range(2, 2 + slot_dim), 0, 1, *range(2 + slot_dim, rows.dim()))
