@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 import engine
 import few_shot
 import metrics
@@ -35,6 +37,7 @@ from utils import (
     log,
     lost_contact_cause,
     seed_everything,
+    set_cpu_threads,
     use_deterministic_algorithms,
     warn,
 )
@@ -138,12 +141,14 @@ def _log_run(cfg: Config, method, scenario, ctx) -> None:
     log(f"{cfg.subcommand}: {scenario.num_tasks} tasks x {len(scenario.task_classes[0])} classes | device "
         f"{ctx.device} | {ctx.world_size} process(es) x batch {o.batch_size} = global batch "
         f"{c.global_batch_size} | effective LR {c.effective_lr:.6g} = {o.lr:g} x "
-        f"{o.batch_size if o.unscale_lr else c.global_batch_size}/256 | amp {cfg.run.amp}")
+        f"{o.batch_size if o.unscale_lr else c.global_batch_size}/256 | amp {cfg.run.amp} | "
+        f"{torch.get_num_threads()} CPU thread(s) per process")
 
 
 def _run(cfg: Config) -> int:
     ctx = init_distributed(cfg.run.device, cfg.dist.dist_url, cfg.dist.local_rank, cfg.dist.dist_timeout)
     use_deterministic_algorithms(cfg.run.deterministic)  # before any CUDA work, for the few-shot flow too
+    set_cpu_threads(cfg.run.threads, ctx.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     for flag in cfg.context.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
     if few_shot.is_flow(cfg):  # not one continual run but a flow of them (few_shot.py)

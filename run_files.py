@@ -148,12 +148,12 @@ def check_same_experiment(saved: dict[str, Any], cfg: Config, path: Path,
         raise UserError(f"{path} belongs to another experiment ({differing}); use its settings or a new --output_dir")
 
 
-# Settings that change nothing of what a run trains or evaluates: a resume may give other values. `device` and
-# `compile` choose the kernels, not the computation: results move by floating-point rounding only
+# Settings that change nothing of what a run trains or evaluates: a resume may give other values. `device`,
+# `compile` and `threads` choose the kernels, not the computation: results move by floating-point rounding only
 RESULT_NEUTRAL = frozenset({
-    "layout", "output_dir", "device", "compile", "eval", "resume", "stop_after_task", "print_freq", "tensorboard",
-    "print_config", "dist_url", "dist_timeout", "local_rank", "num_workers", "pin_mem", "data_path", "explicit_flags",
-    "no_effect_flags",
+    "layout", "output_dir", "device", "compile", "threads", "eval", "resume", "stop_after_task", "print_freq",
+    "tensorboard", "print_config", "dist_url", "dist_timeout", "local_rank", "num_workers", "pin_mem", "data_path",
+    "explicit_flags", "no_effect_flags",
     # the few-shot flow's switches and episode settings: its upstream runs do not read them
     "train_vanilla", "train_shared", "train_few_shot", "num_shots", "num_ways", "num_episodes", "num_queries",
     "num_fs_epochs", "fs_lr", "fs_backbone", "few_shot_dataset_idx", "few_class_idx",

@@ -133,6 +133,20 @@ def init_distributed(device: str = "auto", dist_url: str = "env://", local_rank_
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+MAX_DEFAULT_THREADS = 8
+
+
+def set_cpu_threads(requested: int | None, device: torch.device, local_processes: int) -> int:
+    """The threads this process computes with: `requested`, else OMP_NUM_THREADS when set, else on CPU the cores
+    this process may use divided among the node's processes (at most MAX_DEFAULT_THREADS), else torch's default.
+    Returns the number in effect."""
+    if requested is None and "OMP_NUM_THREADS" not in os.environ and device.type == "cpu":
+        requested = max(1, min(len(os.sched_getaffinity(0)) // max(local_processes, 1), MAX_DEFAULT_THREADS))
+    if requested is not None:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 

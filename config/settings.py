@@ -59,6 +59,10 @@ class RunSettings(SettingsGroup):
                                   "GPU type, driver and libraries, a few % to ~30% slower depending on the ops (the "
                                   "fused attention backward takes a deterministic kernel); an op without one stops "
                                   "the run naming it. CPU runs repeat without it")
+    threads: int | None = setting(None, "CPU threads per process (torch.set_num_threads); default: OMP_NUM_THREADS "
+                                  "when set, else on CPU the cores this process may use shared among the node's "
+                                  "processes, at most 8 (more only contend on small models); on GPU, torch's own",
+                                  minimum=1)
     eval: bool = setting(False, "re-evaluate the task checkpoints in --output_dir, train nothing")
     resume: bool = setting(False, "continue a stopped run in --output_dir from its last finished task")
     stop_after_task: int | None = setting(None, "stop after this many tasks (split a run over job time limits; "

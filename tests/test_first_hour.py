@@ -102,3 +102,37 @@ def test_under_torchrun_one_rank_prints_the_error_and_torchrun_shows_it_as_the_r
     root_cause = result.stderr[result.stderr.index("Root Cause"):]
     assert f"traceback : {line}" in root_cause and "error_file: <N/A>" not in root_cause
     assert not (tmp_path / "out").exists()
+
+
+def test_cpu_threads_default_to_the_cores_shared_among_the_node_processes(monkeypatch):
+    import torch
+
+    import utils
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid: set(range(32)))
+    cpu = torch.device("cpu")
+    try:
+        assert utils.set_cpu_threads(None, cpu, 1) == 8  # capped
+        assert utils.set_cpu_threads(None, cpu, 8) == 4  # 32 cores among 8 processes
+        assert utils.set_cpu_threads(3, cpu, 8) == 3  # --threads wins
+        monkeypatch.setattr(utils.os, "sched_getaffinity", lambda pid: {0, 1})
+        assert utils.set_cpu_threads(None, cpu, 4) == 1  # never 0
+        torch.set_num_threads(5)
+        monkeypatch.setenv("OMP_NUM_THREADS", "5")
+        assert utils.set_cpu_threads(None, cpu, 1) == 5  # the user's OMP_NUM_THREADS is kept
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["l2p", "hideprompt"])
+def test_identical_commands_give_identical_results_with_several_cpu_threads(tmp_path, method):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:  # in subprocesses: the thread count is the process's
+        result = run_cli([f"digits_{method}", "--output_dir", str(out), *FAST, "--threads", "2"])
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "2 CPU thread(s) per process" in result.stdout + result.stderr
+    first, second = (read_json(out / "results.json") for out in runs)
+    assert first["acc_matrix"] == second["acc_matrix"]
+    assert [t["train_loss"] for t in first["tasks"]] == [t["train_loss"] for t in second["tasks"]]
