@@ -28,6 +28,7 @@ from utils import (
     is_main_process,
     log,
     lost_contact_cause,
+    run_on_main_only,
     seed_everything,
     use_deterministic_algorithms,
     warn,
@@ -93,6 +94,9 @@ def _log_run(cfg: Config, method, scenario, ctx) -> None:
 
 def _run(cfg: Config) -> int:
     ctx = init_distributed(cfg.run.device, cfg.dist.dist_url, cfg.dist.local_rank, cfg.dist.dist_timeout)
+    if cfg.run.wandb:  # rank 0 logs, so rank 0 needs the package; before any work, so nothing is written
+        from wandb_logger import require_wandb
+        run_on_main_only(require_wandb)
     use_deterministic_algorithms(cfg.run.deterministic)  # before any CUDA work, for the few-shot flow too
     for flag in cfg.context.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
