@@ -76,8 +76,9 @@ def _device_key(device: torch.device, hostname: str) -> str:
     index; a host's CPU counts once however many processes share it."""
     if device.type != "cuda":
         return f"{hostname}/cpu"
-    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-    return str(uuid) if uuid is not None else f"{hostname}/cuda:{device.index}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return str(uuid) if uuid is not None else f"{hostname}/cuda:{index}"
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
