@@ -142,6 +142,7 @@ class TaskInProgress:
         self.phases: dict[str, Any] = dict(resumed["phases"]) if resumed else {}
         # the seconds each finished phase spent on its parts (train, statistics, evaluate, align)
         self.seconds: dict[str, dict[str, float]] = dict(resumed.get("seconds", {})) if resumed else {}
+        self.earlier_seconds = sum(sum(parts.values()) for parts in self.seconds.values())  # by an earlier launch
         self.watches: dict[str, LossWatch] = {}
         if resumed:
             self.saved = f"task {t + 1} continues after epoch {resumed['epoch']}{self._of(resumed['phase'])}"
@@ -175,8 +176,7 @@ class TaskInProgress:
         if state is None:
             return 0.0
         training = float(state["train"]["seconds"]) if phase in (None, state["phase"]) else 0.0
-        finished = sum(sum(parts.values()) for parts in self.seconds.values()) if phase is None else 0.0
-        return training + finished
+        return training + (self.earlier_seconds if phase is None else 0.0)
 
     def restore(self, phase: str, optimizer: torch.optim.Optimizer, scheduler, scaler) -> dict[str, float]:
         """Continue `phase` where the rolling state left it (after begin_task, which it overrides); returns the epochs
