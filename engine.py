@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from config.resolved import Config, config_to_dict
 from datasets.scenario import Scenario
 from divergence import LossWatch, check_loss, check_tensors
 from models.base import ContinualMethod
+from provenance import Provenance
 from rolling_state import (
     RollingWriter,
     gather_rng,
@@ -41,6 +42,7 @@ from run_files import (
     load_checkpoint,
     read_run_json,
 )
+from run_logger import MultiLogger, RunLogger, TensorBoardLogger
 from utils import (
     DistContext,
     UserError,
@@ -138,6 +140,9 @@ class TaskInProgress:
         self.record = record
         self.resumed = resumed
         self.phases: dict[str, Any] = dict(resumed["phases"]) if resumed else {}
+        # the seconds each finished phase spent on its parts (train, statistics, evaluate, align)
+        self.seconds: dict[str, dict[str, float]] = dict(resumed.get("seconds", {})) if resumed else {}
+        self.earlier_seconds = sum(sum(parts.values()) for parts in self.seconds.values())  # by an earlier launch
         self.watches: dict[str, LossWatch] = {}
         if resumed:
             self.saved = f"task {t + 1} continues after epoch {resumed['epoch']}{self._of(resumed['phase'])}"
@@ -163,6 +168,15 @@ class TaskInProgress:
         """Finished before the run stopped: its trained state is in the rolling state, its results in `phases`."""
         order = self.method.phases
         return self.resumed is not None and order.index(phase) < order.index(self.resumed["phase"])
+
+    def carried_seconds(self, phase: str | None = None) -> float:
+        """Seconds the launch that saved the rolling state spent on `phase`'s finished epochs, or (None) on the task's
+        finished phases and epochs: a resumed task's timings count them."""
+        state = self.resumed
+        if state is None:
+            return 0.0
+        training = float(state["train"]["seconds"]) if phase in (None, state["phase"]) else 0.0
+        return training + (self.earlier_seconds if phase is None else 0.0)
 
     def restore(self, phase: str, optimizer: torch.optim.Optimizer, scheduler, scaler) -> dict[str, float]:
         """Continue `phase` where the rolling state left it (after begin_task, which it overrides); returns the epochs
@@ -192,7 +206,7 @@ class TaskInProgress:
         self.writer.submit(snapshot({
             "task": self.t, "phase": phase, "epoch": epoch, "model": tensors, "optimizers": optimizers,
             "scheduler": scheduler.state_dict() if scheduler is not None else None, "scaler": scaler.state_dict(),
-            "rng": rng, "phases": self.phases, "train": train, "config": self.record.config}))
+            "rng": rng, "phases": self.phases, "seconds": self.seconds, "train": train, "config": self.record.config}))
 
 
 def _checkpoint_step(totals: torch.Tensor, images: int, ctx: DistContext, task: TaskInProgress, phase: str,
@@ -247,7 +261,8 @@ def train_one_epoch(model: Callable[..., tuple[torch.Tensor, torch.Tensor]], met
     loss_sum, correct, seen = reduced
     seconds = time.perf_counter() - start
     return {"loss": loss_sum / seen, "acc": 100 * correct / seen, "lr": optimizer.param_groups[0]["lr"],
-            "images": seen, "seconds": seconds, "images_per_second": seen / seconds}
+            "lrs": [group["lr"] for group in optimizer.param_groups], "images": seen, "seconds": seconds,
+            "images_per_second": seen / seconds}
 
 
 def wrap_for_training(method: ContinualMethod, ctx: DistContext, compile_forward: bool = False) -> torch.nn.Module:
@@ -290,6 +305,7 @@ def train_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: Di
                  "loss": stats["loss"], "acc": stats["acc"]}
         log(f"task {t + 1} epoch {epoch + 1}/{cfg.optim.epochs}: loss {stats['loss']:.4f} acc {stats['acc']:.2f} "
             f"lr {stats['lr']:.3g} ({stats['images_per_second']:.1f} img/s)")
+        task.record.log_epoch(phase, t * cfg.optim.epochs + epoch + 1, stats)
         if scheduler is not None:
             scheduler.step(epoch)
         task.save(phase, epoch + 1, optimizer, scheduler, scaler, train)
@@ -361,21 +377,40 @@ def _matrix_image(acc: np.ndarray, t: int, cell: int = 24) -> torch.Tensor:
     return image.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
 
 
+# the per-task summary values logged under eval/; avg_acc and forgetting also untagged, with accuracy_<n>
+EVAL_KEYS = ("avg_acc", "avg_incremental_acc", "forgetting", "forgetting_standard", "bwt", "overall_acc", "avg_tii_acc")
+UNTAGGED_KEYS = ("avg_acc", "forgetting")  # the tags the L2P README names
+
+
+def create_logger(cfg: Config, output_dir: Path) -> RunLogger:
+    """Rank 0's curves: TensorBoard events in output_dir/tensorboard (--tensorboard) and W&B (--wandb); the other
+    ranks log nothing."""
+    if not is_main_process():
+        return RunLogger()
+    loggers: list[RunLogger] = [TensorBoardLogger(output_dir / "tensorboard")] if cfg.run.tensorboard else []
+    if cfg.run.wandb:
+        from wandb_logger import WandbLogger  # noqa: PLC0415 (only with --wandb)
+        loggers.append(WandbLogger(cfg.run, output_dir))
+    return MultiLogger(loggers)
+
+
 class RunRecord:
-    """The accuracy matrix and per-task metrics of one run, written atomically to a JSON file after each task."""
+    """The accuracy matrix and per-task metrics of one run, written atomically to a JSON file after each task with the
+    run's provenance, and its curves (through `logger`: per epoch, per phase, per task)."""
 
     def __init__(self, cfg: Config, scenario: Scenario, output_dir: Path, filename: str = "results.json",
-                 tensorboard: bool = True):
+                 logger: RunLogger | None = None, provenance: Provenance | None = None):
         self.cfg, self.scenario = cfg, scenario
         self.config = config_to_dict(cfg)  # on a resume, the run's own: a resume changes nothing of a result
         self.path = output_dir / filename
         num_tasks = scenario.num_tasks
         self.acc = np.zeros((num_tasks, num_tasks))
         self.tasks: list[dict[str, Any]] = []
-        self.tensorboard_dir = output_dir / "tensorboard" if tensorboard and is_main_process() else None
-        self.writer = None  # opened on the first result, so a run refused before that writes no event file
+        self.logger = logger if logger is not None else RunLogger()
+        self.provenance = provenance
 
     def add(self, t: int, evaluation: dict, extra: dict[str, Any]) -> dict[str, Any]:
+        """Task t's results (every rank calls it: the provenance gathers over the ranks)."""
         self.acc[: t + 1, t] = evaluation["task_acc"]
         entry = {"task": t + 1, **metrics.summarize(self.acc, t), "overall_acc": evaluation["overall_acc"],
                  "tii_acc": evaluation["tii_acc"], "avg_tii_acc": float(np.mean(evaluation["tii_acc"])),
@@ -383,26 +418,50 @@ class RunRecord:
                  "eval_images_per_second": evaluation["eval_images_per_second"], **extra}
         del self.tasks[t:]
         self.tasks.append(entry)
+        if self.provenance is not None:
+            self.provenance.update(t)
         log(metrics.format_matrix(self.acc, t))
         log(metrics.format_summary(entry, t, self.scenario.num_tasks) + f" | overall {entry['overall_acc']:.2f} | "
             f"task identity {entry['avg_tii_acc']:.2f}")
-        if self.tensorboard_dir is not None:
-            if self.writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.tensorboard_dir))
-            for i in range(t + 1):
-                self.writer.add_scalar(f"accuracy_{i + 1}", self.acc[i, t], t + 1)
-            for key in ("avg_acc", "avg_incremental_acc", "forgetting", "forgetting_standard", "bwt", "overall_acc",
-                        "avg_tii_acc"):
-                if entry[key] is not None:
-                    self.writer.add_scalar(key, entry[key], t + 1)
-            for phase, summary in entry.get("phases", {}).items():  # earlier phases and the pre-alignment result
-                for key in ("avg_acc", "avg_tii_acc"):
-                    self.writer.add_scalar(f"{phase}/{key}", summary[key], t + 1)
-            self.writer.add_image("acc_matrix", _matrix_image(self.acc, t), t + 1)
-            self.writer.add_text("acc_matrix", "```\n" + metrics.format_matrix(self.acc, t) + "\n```", t + 1)
-            self.writer.flush()
+        self._log_task(t, entry)
         return entry
+
+    def _log_task(self, t: int, entry: dict[str, Any]) -> None:
+        accuracies = {f"accuracy_{i + 1}": float(self.acc[i, t]) for i in range(t + 1)}
+        summary = {key: entry[key] for key in EVAL_KEYS if entry[key] is not None}
+        values = {**accuracies, **{key: summary[key] for key in UNTAGGED_KEYS if key in summary}}
+        values.update({f"eval/{key}": value for key, value in {**accuracies, **summary}.items()})
+        for phase, result in entry.get("phases", {}).items():  # earlier phases and the pre-alignment results
+            values.update({f"eval/{phase}/{key}": result[key] for key in ("avg_acc", "avg_tii_acc")})
+        if "wall_seconds" in entry:
+            values["time/task_seconds"] = entry["wall_seconds"]
+        self.logger.log_scalars(values, t + 1)
+        self.logger.log_image("acc_matrix", _matrix_image(self.acc, t), t + 1)
+        self.logger.log_text("acc_matrix", metrics.format_matrix(self.acc, t), t + 1)
+        self.logger.flush()
+
+    def log_epoch(self, phase: str, step: int, stats: dict[str, Any]) -> None:
+        """One training epoch of `phase`; `step` counts its epochs over the tasks, so successive tasks' curves follow
+        each other."""
+        head = f"train/{phase}"
+        self.logger.log_scalars({f"{head}/loss": stats["loss"], f"{head}/acc": stats["acc"], f"{head}/lr": stats["lr"],
+                                 **{f"{head}/lr_group{k}": lr for k, lr in enumerate(stats["lrs"])},
+                                 f"{head}/images_per_second": stats["images_per_second"]}, step)
+
+    def log_phase(self, t: int, phase: str, seconds: dict[str, float], alignment_losses: Sequence[float],
+                  statistics: dict[str, float]) -> None:
+        """What the phase of task t spent on each part, its class statistics' sizes and its task-adaptive-prediction
+        losses (a point per alignment epoch, counted over the tasks, and the last)."""
+        values = {f"time/{phase}/{part}_seconds": value for part, value in seconds.items()}
+        if statistics:
+            values.update({f"stats/{phase}/seconds": seconds["statistics"],
+                           **{f"stats/{phase}/{key}": value for key, value in statistics.items()}})
+        if alignment_losses:
+            values[f"tap/{phase}/final_loss"] = alignment_losses[-1]
+            epochs = len(alignment_losses)
+            for epoch, loss in enumerate(alignment_losses):
+                self.logger.log_scalars({f"tap/{phase}/loss": loss}, t * epochs + epoch + 1)
+        self.logger.log_scalars(values, t + 1)
 
     def as_dict(self) -> dict[str, Any]:
         done = len(self.tasks)
@@ -412,6 +471,7 @@ class RunRecord:
                 "model": self.cfg.backbone.model, "num_tasks": self.scenario.num_tasks, "completed_tasks": done,
                 "class_order": self.scenario.class_order, "task_classes": self.scenario.task_classes,
                 "acc_matrix": matrix, "tasks": self.tasks, "final": self.tasks[-1] if self.tasks else None,
+                "provenance": self.provenance.as_dict() if self.provenance is not None else None,
                 "config": self.config}
 
     def restore(self, saved: dict[str, Any], completed: int) -> None:
@@ -421,14 +481,15 @@ class RunRecord:
                     self.acc[i, c] = value
         self.tasks = saved["tasks"][:completed]
         self.config = saved.get("config", self.config)
+        if self.provenance is not None:  # the launches that wrote these results stay on record
+            self.provenance.continue_from(saved.get("provenance"))
 
     def save(self) -> None:
         if is_main_process():
             atomic_write_json(self.as_dict(), self.path)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.logger.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -451,26 +512,49 @@ def evaluation_summary(evaluation: dict, train_stats: dict[str, float] | None = 
             **(train_stats or {})}
 
 
+class Stopwatch:
+    """Seconds between successive laps (time.perf_counter)."""
+
+    def __init__(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
 def run_phase(method: ContinualMethod, phase: str, scenario: Scenario, cfg: Config, ctx: DistContext,
               task: TaskInProgress) -> tuple[dict, dict]:
     """One phase of the task: train, finish (statistics), evaluate; with task-adaptive prediction, evaluate again
-    (the first result goes to the task's phases as `<phase>_pre_alignment`). Returns (evaluation, train stats)."""
+    (the first result goes to the task's phases as `<phase>_pre_alignment`). Returns (evaluation, train stats); the
+    seconds of each part go to `task.seconds[phase]`."""
     t = task.t
     seed_everything(cfg.run.seed + t)  # each task (and phase) is reproducible on its own, so a resumed run matches
     phase_cfg = method.set_phase(phase)
     method.invalidate_state_cache()
     task.stop_if_requested(ctx.device, phase, " before training")
+    clock = Stopwatch()
     task.optimizers[phase], train_stats = train_task(method, scenario, phase_cfg, ctx, task, phase)
+    seconds = {"train": clock.lap() + task.carried_seconds(phase)}
     method.end_task(t, scenario.stats_loader(t))
+    statistics = method.statistics_summary()
+    seconds["statistics"] = clock.lap()
     task.stop_if_requested(ctx.device, phase, " after its class statistics")
     evaluation = evaluate(method, scenario, t, cfg, ctx)
     task.stop_if_requested(ctx.device, phase, " after its evaluation")
-    if method.align(t):
+    seconds["evaluate"] = clock.lap()
+    aligned = method.align(t)
+    if aligned:
+        seconds["align"] = clock.lap()
         task.phases[f"{phase}_pre_alignment"] = evaluation_summary(evaluation)
         before = task.phases[f"{phase}_pre_alignment"]
         log(f"task {t + 1} {phase} before alignment: A_t {before['avg_acc']:.2f} | task identity "
             f"{before['avg_tii_acc']:.2f}")
         evaluation = evaluate(method, scenario, t, cfg, ctx)
+        seconds["evaluate"] += clock.lap()
+    task.seconds[phase] = seconds
+    task.record.log_phase(t, phase, seconds, method.alignment_losses if aligned else (), statistics)
     return evaluation, train_stats
 
 
@@ -512,7 +596,7 @@ def _resume(method: ContinualMethod, cfg: Config, record: RunRecord,
 def _run_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext,
               task: TaskInProgress) -> tuple[dict, dict[str, Any]]:
     """Every phase of the task not done yet; returns the last phase's evaluation and what results.json keeps."""
-    t = task.t
+    t, start = task.t, time.perf_counter()
     if task.resumed is not None:  # the finished phases' optimizers, as the task checkpoint keeps them
         finished = {k: v for k, v in task.resumed["optimizers"].items() if task.skips(k)}
         task.optimizers.update(_restore_optimizers(method, finished, t))
@@ -526,7 +610,8 @@ def _run_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: Dis
             task.phases[phase] = evaluation_summary(evaluation, train_stats)
             log(f"task {t + 1} {phase}: A_t {task.phases[phase]['avg_acc']:.2f} | task identity "
                 f"{task.phases[phase]['avg_tii_acc']:.2f}")
-    return evaluation, {**train_stats, **({"phases": task.phases} if task.phases else {})}
+    timings = {"wall_seconds": time.perf_counter() - start + task.carried_seconds(), "phase_seconds": task.seconds}
+    return evaluation, {**train_stats, **timings, **({"phases": task.phases} if task.phases else {})}
 
 
 def _save_task(method: ContinualMethod, task: TaskInProgress, cfg: Config) -> None:
@@ -546,11 +631,13 @@ def _save_task(method: ContinualMethod, task: TaskInProgress, cfg: Config) -> No
 
 def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext) -> dict[str, Any]:
     output_dir = Path(cfg.run.output_dir)
-    record = RunRecord(cfg, scenario, output_dir, tensorboard=cfg.run.tensorboard)
+    record = RunRecord(cfg, scenario, output_dir, logger=create_logger(cfg, output_dir),
+                       provenance=Provenance(cfg, ctx.device))
     if is_main_process():
         for folder in (output_dir, checkpoint_path(output_dir, 0).parent):
             remove_stale_temporaries(folder)
     start, optimizers, rolling = _resume(method, cfg, record, scenario.num_tasks)
+    record.logger.log_config({**record.config, "provenance": record.provenance.as_dict()})
     if is_main_process() and not (output_dir / "config.json").is_file():  # a resume keeps the run's own
         atomic_write_json(record.config, output_dir / "config.json")
     stop_after = cfg.run.stop_after_task
@@ -574,14 +661,18 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistConte
 def evaluate_checkpoints(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistContext) -> dict:
     """--eval: reload each task's checkpoint and evaluate the tasks seen by then; writes eval_results.json."""
     output_dir = Path(cfg.run.output_dir)
-    # re-evaluation must not add a second set of curves to the training run's TensorBoard events
-    record = RunRecord(cfg, scenario, output_dir, filename="eval_results.json", tensorboard=False)
-    method.set_phase(method.phases[-1])
+    # re-evaluation must not add a second set of curves to the training run's TensorBoard events (nor W&B's)
+    record = RunRecord(cfg, scenario, output_dir, filename="eval_results.json", provenance=Provenance(cfg, ctx.device))
+    phase = method.phases[-1]
+    method.set_phase(phase)
     for t in range(scenario.num_tasks):
+        clock = Stopwatch()
         preemption.stop_if_requested(ctx.device, f"the evaluation of task {t + 1}", "nothing of --eval is written")
         restore_task(method, cfg, t)
         method.load_task_context(t)
         log(f"=== evaluating {checkpoint_path(output_dir, t)}")
-        record.add(t, evaluate(method, scenario, t, cfg, ctx), {})
+        evaluation = evaluate(method, scenario, t, cfg, ctx)
+        record.add(t, evaluation, {"wall_seconds": clock.lap(),
+                                   "phase_seconds": {phase: {"evaluate": evaluation["eval_seconds"]}}})
     record.save()  # once every task is evaluated: a failed --eval leaves no partial file
     return record.as_dict()

@@ -36,6 +36,7 @@ from utils import (
     launcher_ranks,
     log,
     lost_contact_cause,
+    run_on_main_only,
     seed_everything,
     set_cpu_threads,
     use_deterministic_algorithms,
@@ -147,6 +148,9 @@ def _log_run(cfg: Config, method, scenario, ctx) -> None:
 
 def _run(cfg: Config) -> int:
     ctx = init_distributed(cfg.run.device, cfg.dist.dist_url, cfg.dist.local_rank, cfg.dist.dist_timeout)
+    if cfg.run.wandb:  # rank 0 logs, so rank 0 needs the package; before any work, so nothing is written
+        from wandb_logger import require_wandb
+        run_on_main_only(require_wandb)
     use_deterministic_algorithms(cfg.run.deterministic)  # before any CUDA work, for the few-shot flow too
     set_cpu_threads(cfg.run.threads, ctx.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     for flag in cfg.context.no_effect_flags:

@@ -154,6 +154,8 @@ RESULT_NEUTRAL = frozenset({
     "layout", "output_dir", "device", "compile", "threads", "eval", "resume", "stop_after_task", "print_freq",
     "tensorboard", "print_config", "dist_url", "dist_timeout", "local_rank", "num_workers", "pin_mem", "data_path",
     "explicit_flags", "no_effect_flags",
+    # where the curves are logged
+    "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_mode",
     # the few-shot flow's switches and episode settings: its upstream runs do not read them
     "train_vanilla", "train_shared", "train_few_shot", "num_shots", "num_ways", "num_episodes", "num_queries",
     "num_fs_epochs", "fs_lr", "fs_backbone", "few_shot_dataset_idx", "few_class_idx",

@@ -88,7 +88,7 @@ def time_phase(method: ContinualMethod, scenario: Scenario, phase: str, ctx: Dis
     phase_cfg = method.set_phase(phase)
     writer = RollingWriter(output_dir)
     kind = TimedRollingState if with_state else WithoutRollingState
-    record = engine.RunRecord(phase_cfg, scenario, output_dir, tensorboard=False)
+    record = engine.RunRecord(phase_cfg, scenario, output_dir)
     task = kind(0, method, phase_cfg, {}, writer, record)
     start = time.perf_counter()
     engine.train_task(method, scenario, phase_cfg, ctx, task, phase)

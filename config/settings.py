@@ -69,6 +69,14 @@ class RunSettings(SettingsGroup):
                                           "--resume continues)")
     print_freq: int = setting(10, "log every N training steps (non-terminal output)")
     tensorboard: bool = setting(True, "write TensorBoard events to output_dir/tensorboard")
+    wandb: bool = setting(False, "also log to Weights & Biases (needs `pip install wandb`): the TensorBoard scalars, "
+                          "the config and the provenance")
+    wandb_project: str = setting("hide-cl", "W&B project")
+    wandb_entity: str | None = setting(None, "W&B entity (user or team; default: wandb's own default)")
+    wandb_name: str | None = setting(None, "W&B run name (default: the name of --output_dir)")
+    wandb_mode: str = setting("auto", "W&B mode; auto: WANDB_MODE when set, else online when api.wandb.ai answers, "
+                              "offline when not (upload later with `wandb sync`)",
+                              choices=("auto", "online", "offline"))
     print_config: bool = setting(False, "print the resolved config as JSON and exit", saved=False)
 
 

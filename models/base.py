@@ -5,7 +5,7 @@ whatever the method trains.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -197,8 +197,16 @@ class ContinualMethod(nn.Module):
 
     def align(self, t: int) -> bool:
         """After end_task and a first evaluation: task-adaptive prediction. True when it changed the model (the
-        engine then evaluates again and reports both)."""
+        engine then evaluates again and reports both) and left each alignment epoch's mean loss in
+        `alignment_losses`."""
         return False
+
+    alignment_losses: Sequence[float] = ()  # of the last `align`, for the run's curves
+
+    def statistics_summary(self) -> dict[str, float]:
+        """After end_task: sizes of the class statistics of the current phase, for the run's curves (e.g. classes
+        with statistics); empty when it keeps none."""
+        return {}
 
     @torch.no_grad()
     def predict_task(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor | None:

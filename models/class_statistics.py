@@ -107,22 +107,22 @@ class ClassStatistics(nn.Module):
 def task_adaptive_prediction(params: list[nn.Parameter], classify: Callable[[torch.Tensor], torch.Tensor],
                              stats: ClassStatistics, seen_classes: list[int], seen_mask: torch.Tensor,
                              iterations: int, per_component: int, epochs: int, lr: float, weight_decay: float,
-                             seed: int, where: str = "task-adaptive prediction") -> float:
+                             seed: int, where: str = "task-adaptive prediction") -> list[float]:
     """Classifier alignment: SGD (momentum 0.9) with a cosine schedule over `epochs`; each epoch runs
     `iterations` steps of `per_component` pseudo-features, with the logits masked to the seen classes. Every rank
-    runs the same seeded steps, then takes rank 0's values. Returns the last epoch's mean loss; a non-finite one stops
+    runs the same seeded steps, then takes rank 0's values. Returns each epoch's mean loss; a non-finite one stops
     the run (`where` names the task and phase)."""
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     generator = torch.Generator().manual_seed(seed)
     blocked = ~seen_mask
-    mean_loss = float("nan")
+    epoch_losses: list[float] = []
     for epoch in range(epochs):
         features, targets = stats.sample(seen_classes, per_component, iterations * per_component, generator)
         if features.shape[0] == 0:
             warn("task-adaptive prediction skipped: no class statistics with any spread to sample from (every "
                  "class has a single training image per centroid)")
-            return mean_loss
+            return epoch_losses
         losses = torch.zeros((), dtype=torch.float64, device=features.device)
         steps = 0
         for start in range(0, min(iterations * per_component, features.shape[0]), per_component):
@@ -135,13 +135,14 @@ def task_adaptive_prediction(params: list[nn.Parameter], classify: Callable[[tor
             losses += loss.detach().double()
             steps += 1
         scheduler.step()
-        mean_loss = losses.item() / max(steps, 1)
-        check_loss(mean_loss, "task-adaptive-prediction", f"{where}, alignment epoch {epoch + 1}/{epochs}",
+        epoch_losses.append(losses.item() / max(steps, 1))
+        check_loss(epoch_losses[-1], "task-adaptive-prediction", f"{where}, alignment epoch {epoch + 1}/{epochs}",
                    "lower --ca_lr")
     broadcast_tensors([p.data for p in params])
+    final = epoch_losses[-1] if epoch_losses else float("nan")
     log(f"task-adaptive prediction: {epochs} epochs x {iterations} steps x {per_component} pseudo-features, "
-        f"final loss {mean_loss:.4f}")
-    return mean_loss
+        f"final loss {final:.4f}")
+    return epoch_losses
 
 
 class ContrastiveRegularizer:

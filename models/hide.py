@@ -438,6 +438,10 @@ class HiDeMethod(ContinualMethod):
         log(f"task {t + 1} {self.current.name}: class statistics ({self.tap.ca_storage_efficient_method}) of "
             f"{len(self.task_classes[t])} classes")
 
+    def statistics_summary(self) -> dict[str, float]:
+        present = self.current.stats.present
+        return {"classes": float(present.any(1).sum()), "components": float(present.sum())}
+
     def align(self, t: int) -> bool:
         if t == 0 or self.tap.not_train_ca or self.tap.crct_epochs == 0:
             return False
@@ -449,10 +453,10 @@ class HiDeMethod(ContinualMethod):
             p.requires_grad_(True)
         self.train()
         with torch.enable_grad():
-            task_adaptive_prediction(params, classify, self.current.stats, seen, self._task_masks[: t + 1].any(0),
-                                     iterations, per_component, self.tap.crct_epochs, lr,
-                                     self.cfg.optim.weight_decay, seed=self.cfg.run.seed + t,
-                                     where=f"task {t + 1} phase {self.current.name}")
+            self.alignment_losses = task_adaptive_prediction(
+                params, classify, self.current.stats, seen, self._task_masks[: t + 1].any(0), iterations,
+                per_component, self.tap.crct_epochs, lr, self.cfg.optim.weight_decay, seed=self.cfg.run.seed + t,
+                where=f"task {t + 1} phase {self.current.name}")
         freeze(self, True)
         self.eval()
         return True

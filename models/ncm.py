@@ -44,6 +44,9 @@ class NCM(ContinualMethod):
         self.class_sums += all_reduce_sum(sums)
         self.class_counts += all_reduce_sum(counts)
 
+    def statistics_summary(self) -> dict[str, float]:
+        return {"classes": float((self.class_counts > 0).sum())}
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_key: tuple | None = None) -> torch.Tensor:
         means = F.normalize((self.class_sums / self.class_counts.clamp(min=1).unsqueeze(1)).float(), dim=1)

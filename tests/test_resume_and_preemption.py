@@ -27,9 +27,10 @@ ROLLING = "rolling_state.pth"
 
 
 def _untimed(obj):
-    """A results file without what differs between identical runs: timings and the folder it was written to."""
+    """A results file without what differs between identical runs: timings, the folder it was written to and the
+    provenance (times, command lines, launches)."""
     if isinstance(obj, dict):
-        return {k: _untimed(v) for k, v in obj.items() if "second" not in k and k != "output_dir"}
+        return {k: _untimed(v) for k, v in obj.items() if "second" not in k and k not in ("output_dir", "provenance")}
     if isinstance(obj, list):
         return [_untimed(v) for v in obj]
     return obj

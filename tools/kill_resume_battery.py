@@ -61,10 +61,12 @@ def send(process: subprocess.Popen, kill: str, nproc: int) -> None:
 
 
 def untimed(obj: Any) -> Any:
-    """A results file without timings and settings that change no result (a run killed before it wrote anything is
-    started anew by its resume: its configuration is then the resume's, --resume included)."""
+    """A results file without timings, provenance (times, command lines, launches) and settings that change no result
+    (a run killed before it wrote anything is started anew by its resume: its configuration is then the resume's,
+    --resume included)."""
     if isinstance(obj, dict):
-        return {k: untimed(v) for k, v in obj.items() if "second" not in k and k not in RESULT_NEUTRAL}
+        return {k: untimed(v) for k, v in obj.items()
+                if "second" not in k and k != "provenance" and k not in RESULT_NEUTRAL}
     if isinstance(obj, list):
         return [untimed(v) for v in obj]
     return obj
