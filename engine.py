@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import compilation
 import metrics
+import plots
 import preemption
 from config.resolved import Config, config_to_dict
 from datasets.scenario import Scenario
@@ -366,17 +367,6 @@ def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, c
 # ----------------------------------------------------------------------------------------------------------------
 # Results: stdout, TensorBoard, results.json
 # ----------------------------------------------------------------------------------------------------------------
-def _matrix_image(acc: np.ndarray, t: int, cell: int = 24) -> torch.Tensor:
-    """The accuracy matrix as a CHW heat map (red 0% -> green 100%, grey = not evaluated) for TensorBoard."""
-    n = acc.shape[0]
-    image = torch.full((3, n, n), 0.5)
-    for i in range(n):
-        for c in range(i, t + 1):
-            v = float(acc[i, c]) / 100.0
-            image[:, i, c] = torch.tensor([1.0 - v, v, 0.15])
-    return image.repeat_interleave(cell, 1).repeat_interleave(cell, 2)
-
-
 # the per-task summary values logged under eval/; avg_acc and forgetting also untagged, with accuracy_<n>
 EVAL_KEYS = ("avg_acc", "avg_incremental_acc", "forgetting", "forgetting_standard", "bwt", "overall_acc", "avg_tii_acc")
 UNTAGGED_KEYS = ("avg_acc", "forgetting")  # the tags the L2P README names
@@ -436,7 +426,8 @@ class RunRecord:
         if "wall_seconds" in entry:
             values["time/task_seconds"] = entry["wall_seconds"]
         self.logger.log_scalars(values, t + 1)
-        self.logger.log_image("acc_matrix", _matrix_image(self.acc, t), t + 1)
+        if self.logger.records:  # the matrix with its numbers, axes and colour scale, as the report draws it
+            self.logger.log_image("acc_matrix", plots.run_matrix_figure(self.acc, t, self.cfg.subcommand), t + 1)
         self.logger.log_text("acc_matrix", metrics.format_matrix(self.acc, t), t + 1)
         self.logger.flush()
 

@@ -156,6 +156,14 @@ def _slug(label: str, taken: set[str]) -> str:
     return unique
 
 
+def figure_pixels(fig: Figure) -> np.ndarray:
+    """The figure drawn at DPI, as an RGB (height, width, 3) uint8 array, for loggers that take pixels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
 def save_figure(fig: Figure, path: Path, pdf: bool = False) -> list[Path]:
     """`path`.png (and .pdf), each written atomically; returns the files."""
     written = []

@@ -17,6 +17,8 @@ class RunLogger:
     """Logs nothing; implementations override what they record. `step` is the x axis of the values: each tag keeps
     one meaning of it (a task, or an epoch counted over tasks)."""
 
+    records = False  # whether anything logged is kept: callers skip drawing a figure nobody will see
+
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         """Each value under its tag."""
 
@@ -39,6 +41,8 @@ class RunLogger:
 class TensorBoardLogger(RunLogger):
     """Event files in `folder`, opened at the first value logged: a run refused or stopped before its first epoch
     ends writes none (the config waits for that value)."""
+
+    records = True
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -87,6 +91,7 @@ class MultiLogger(RunLogger):
 
     def __init__(self, loggers: Sequence[RunLogger]):
         self.loggers = list(loggers)
+        self.records = any(logger.records for logger in self.loggers)
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         for logger in self.loggers:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from config.settings import RunSettings
+from plots import figure_pixels
 from run_logger import RunLogger
 from utils import UserError
 
@@ -58,6 +59,8 @@ def run_name(settings: RunSettings) -> str:
 class WandbLogger(RunLogger):
     """One wandb run per launch, started at the first use (a refused run starts none) in `folder`/wandb."""
 
+    records = True
+
     def __init__(self, settings: RunSettings, folder: str | Path):
         self.settings, self.folder = settings, Path(folder)
         self.config: dict[str, Any] = {}
@@ -89,7 +92,7 @@ class WandbLogger(RunLogger):
     def log_image(self, tag: str, image: Any, step: int) -> None:
         import wandb  # noqa: PLC0415
 
-        pixels = image.permute(1, 2, 0).cpu().numpy() if isinstance(image, torch.Tensor) else image
+        pixels = image.permute(1, 2, 0).cpu().numpy() if isinstance(image, torch.Tensor) else figure_pixels(image)
         self._log({tag: wandb.Image(pixels)}, step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:

@@ -183,7 +183,8 @@ def test_wandb_gets_the_scalars_tensorboard_gets_and_the_config(tmp_path, monkey
         assert [step for step, _ in logged[tag]] == [step for step, _ in points], tag
         assert [value for _, value in logged[tag]] == pytest.approx([value for _, value in points], rel=1e-6), tag
     images = [(row["acc_matrix"], row["step/task"]) for row in fake.rows if "acc_matrix" in row]
-    assert images == [(("image", (48, 48, 3)), 1), (("image", (48, 48, 3)), 2)]  # 2 tasks x 24 pixels, HWC
+    # the annotated matrix figure, HWC: 2 tasks give (2.0 + 0.5 x 2) x (3.0 + 0.6 x 2) inches at 100 dpi
+    assert images == [(("image", (300, 420, 3)), 1), (("image", (300, 420, 3)), 2)]
     texts = [row["text/acc_matrix"] for row in fake.rows if "text/acc_matrix" in row]
     assert len(texts) == 2 and texts[1][0] == "html" and texts[1][1].startswith("<pre>")
 
@@ -238,3 +239,8 @@ def test_tensorboard_holds_the_training_curves_and_equals_results_json(tmp_path)
     for phase in ("tii_pre_alignment", "wtp_pre_alignment"):
         assert scalars[f"eval/{phase}/avg_acc"] == [(2, pytest.approx(tasks[1]["phases"][phase]["avg_acc"]))]
     assert values("time/task_seconds") == pytest.approx([task["wall_seconds"] for task in tasks], rel=1e-6)
+    # the matrix image is the annotated figure the report draws (2 tasks: 420 x 300 px), one per task
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [(e.step, e.width, e.height) for e in events.Images("acc_matrix")] == [(1, 420, 300), (2, 420, 300)]
