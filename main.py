@@ -133,17 +133,21 @@ def record_for_launcher(message: str) -> None:
 
 
 def _log_run(cfg: Config, method, scenario, ctx) -> None:
-    log(f"config: {config_to_dict(cfg)}")
+    """A short summary of what runs where; every setting is in config.json."""
+    o, c = cfg.optim, cfg.context
+    log(f"{cfg.subcommand}: {cfg.method} on {cfg.data.dataset}, {scenario.num_tasks} tasks x "
+        f"{len(scenario.task_classes[0])} classes, seed {cfg.run.seed} -> {cfg.run.output_dir} (every setting in "
+        f"its config.json)")
     for role, module in method.named_children():  # the backbone, and a query/original model of its own if any
         if hasattr(module, "weights_summary"):
             log(f"{role}: {module.weights_summary}, {sum(p.numel() for p in module.parameters()) / 1e6:.1f}M "
                 f"parameters")
-    o, c = cfg.optim, cfg.context
-    log(f"{cfg.subcommand}: {scenario.num_tasks} tasks x {len(scenario.task_classes[0])} classes | device "
-        f"{ctx.device} | {ctx.world_size} process(es) x batch {o.batch_size} = global batch "
-        f"{c.global_batch_size} | effective LR {c.effective_lr:.6g} = {o.lr:g} x "
-        f"{o.batch_size if o.unscale_lr else c.global_batch_size}/256 | amp {cfg.run.amp} | "
-        f"{torch.get_num_threads()} CPU thread(s) per process")
+    if c.original_backbone is not None:
+        log(f"backbones: --model {c.backbone}, --original_model (query / task identity) {c.original_backbone}")
+    log(f"{ctx.world_size} process(es) x batch {o.batch_size} = global batch {c.global_batch_size} | device "
+        f"{ctx.device} | amp {cfg.run.amp} | {torch.get_num_threads()} CPU thread(s) per process | effective LR "
+        f"{c.effective_lr:.6g} = {o.lr:g} x {o.batch_size if o.unscale_lr else c.global_batch_size}/256 | "
+        f"{o.epochs} epoch(s) per task")
 
 
 def _run(cfg: Config) -> int:

@@ -26,6 +26,7 @@ from timm.optim import list_optimizers
 
 from models import METHODS, ContinualMethod
 from models.backbones import format_backbone_table, resolve_backbone
+from run_files import run_folder_for
 from utils import UserError, launcher_ranks, resolve_amp
 
 from .presets import ANY, SUBCOMMAND_SUFFIX_ALIASES, dataset_keys, own_dataset_keys, preset_values
@@ -382,6 +383,8 @@ def resolve(subcommand: str, dataset_key: str, method: str, explicit: dict[str, 
                   method=method)
     read = {f.name for g in groups for f in fields(g)}
     _check_choices_and_minimums(draft, sorted(read))
+    if draft.output_dir is None:
+        draft.output_dir = run_folder_for(subcommand, draft.seed, resuming=draft.resume or draft.eval)
     _check_common(draft, cls)
     cls.resolve_settings(draft)
     _check_choices_and_minimums(draft, sorted(read))

@@ -41,8 +41,10 @@ class SettingsGroup:
 @dataclass(frozen=True)
 class RunSettings(SettingsGroup):
     title, key = "run", "run"
-    output_dir: str = setting("./output", "where the run writes config.json, results.json, TensorBoard events and "
-                              "task checkpoints", flags=("--output_dir", "--output-dir"))
+    output_dir: str = setting(None, "where the run writes config.json, results.json, TensorBoard events and task "
+                              "checkpoints; default: a folder of its own, ./output/<subcommand>_seed<seed> (_2, _3... "
+                              "when that one holds a run; with --resume or --eval, the last of them)",
+                              flags=("--output_dir", "--output-dir"), metavar="DIR")
     device: str = setting("auto", "auto (CUDA when available), cuda or cpu")
     seed: int = setting(42, "seeds the class order (with --shuffle), initialisation and data order")
     amp: str = setting("auto", "mixed precision; auto = bf16 where it is native (GPUs of compute capability 8.0 or "
