@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
-        elif step % self.print_freq == 0 or step == self.total:
+        elif step % self.print_freq == 0 and step != self.total:  # the epoch's own line follows its last step
             log(f"{self.desc} step {step}/{self.total} {text}")
 
     def close(self) -> None:
@@ -140,6 +141,7 @@ class TaskInProgress:
         self.t, self.method, self.cfg, self.optimizers, self.writer = t, method, cfg, optimizers, writer
         self.record = record
         self.resumed = resumed
+        self.started = time.perf_counter()
         self.phases: dict[str, Any] = dict(resumed["phases"]) if resumed else {}
         # the seconds each finished phase spent on its parts (train, statistics, evaluate, align)
         self.seconds: dict[str, dict[str, float]] = dict(resumed.get("seconds", {})) if resumed else {}
@@ -149,6 +151,17 @@ class TaskInProgress:
             self.saved = f"task {t + 1} continues after epoch {resumed['epoch']}{self._of(resumed['phase'])}"
         else:
             self.saved = f"tasks 1..{t} are saved" if t else "no task is finished yet"
+
+    def eta(self, phase: str, epochs_done: int, epochs: int) -> str:
+        """Time left to the task and to the run, extrapolated from this launch's pace so far (statistics and
+        evaluation count as training does, so the estimate is rough: say so with ~)."""
+        order, now = self.method.phases, time.perf_counter()
+        task_part = (order.index(phase) + epochs_done / epochs) / len(order)
+        clock = self.record.clock
+        run_done = self.t + task_part - clock.first_task
+        task_left = (now - self.started) * (1 - task_part) / task_part
+        run_left = (now - clock.started) * (clock.last_task + 1 - self.t - task_part) / run_done
+        return f"ETA task ~{duration(task_left)}, run ~{duration(run_left)}"
 
     def _of(self, phase: str) -> str:
         return f" of phase {phase}" if len(self.method.phases) > 1 else ""
@@ -305,7 +318,8 @@ def train_task(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: Di
         train = {"images": train["images"] + stats["images"], "seconds": train["seconds"] + stats["seconds"],
                  "loss": stats["loss"], "acc": stats["acc"]}
         log(f"task {t + 1} epoch {epoch + 1}/{cfg.optim.epochs}: loss {stats['loss']:.4f} acc {stats['acc']:.2f} "
-            f"lr {stats['lr']:.3g} ({stats['images_per_second']:.1f} img/s)")
+            f"lr {stats['lr']:.3g} ({stats['images_per_second']:.1f} img/s) | "
+            f"{task.eta(phase, epoch + 1, cfg.optim.epochs)}")
         task.record.log_epoch(phase, t * cfg.optim.epochs + epoch + 1, stats)
         if scheduler is not None:
             scheduler.step(epoch)
@@ -384,6 +398,24 @@ def create_logger(cfg: Config, output_dir: Path) -> RunLogger:
     return MultiLogger(loggers)
 
 
+def duration(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h07m`."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@dataclass
+class RunClock:
+    """When this launch started, and the tasks it runs (0-based, last included), for the ETA."""
+    first_task: int = 0
+    last_task: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
 class RunRecord:
     """The accuracy matrix and per-task metrics of one run, written atomically to a JSON file after each task with the
     run's provenance, and its curves (through `logger`: per epoch, per phase, per task)."""
@@ -398,6 +430,7 @@ class RunRecord:
         self.tasks: list[dict[str, Any]] = []
         self.logger = logger if logger is not None else RunLogger()
         self.provenance = provenance
+        self.clock = RunClock(last_task=num_tasks - 1)
 
     def add(self, t: int, evaluation: dict, extra: dict[str, Any]) -> dict[str, Any]:
         """Task t's results (every rank calls it: the provenance gathers over the ranks)."""
@@ -633,6 +666,7 @@ def run(method: ContinualMethod, scenario: Scenario, cfg: Config, ctx: DistConte
         atomic_write_json(record.config, output_dir / "config.json")
     stop_after = cfg.run.stop_after_task
     stop = scenario.num_tasks if stop_after is None else min(stop_after, scenario.num_tasks)
+    record.clock = RunClock(first_task=start, last_task=stop - 1)
     writer = RollingWriter(output_dir)
     try:
         for t in range(start, stop):

@@ -25,7 +25,6 @@ from .vit import check_promptable, forward_prompted, freeze_pretrained, pretrain
 
 
 class PromptPoolMethod(ContinualMethod):
-    find_unused_parameters = True  # unselected slots and unused keys get no gradient in a step
     settings_groups = (QueryModelSettings, SlotSettings, EPromptSettings, PromptPoolSettings)
     checkpoint_prefixes = ("e_prompt.", "g_prompt", "head.")
 
@@ -83,6 +82,13 @@ class PromptPoolMethod(ContinualMethod):
         if not self.prompts.use_prompt_mask:
             return True
         return bool(self.pool.pull_constraint and self.pool.pull_constraint_coeff and self.e_prompt.key is not None)
+
+    @property
+    def find_unused_parameters(self) -> bool:
+        """Only the keys can sit out a step: with the prompt mask and no pull constraint the query is not computed.
+        Every slot takes part (the gather's backward gives unselected slots a zero gradient), so DDP need not search
+        the graph, and warns when told to and finds nothing."""
+        return self.e_prompt.key is not None and not self._needs_query_in_training()
 
     def _features(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         batch = images.shape[0]

@@ -204,7 +204,7 @@ sys.exit(main.main(sys.argv[1:]))
 @pytest.mark.distributed
 def test_under_ddp_a_compiled_run_gives_the_uncompiled_results(tmp_path):
     """The method compiled, then wrapped by DDP (whose DDPOptimizer splits the graph at its buckets), with
-    find_unused_parameters as the prompt methods ask, on 2 gloo processes."""
+    the DDP settings the prompt methods ask for, on 2 gloo processes."""
     script = tmp_path / "main_aot_eager.py"
     script.write_text(AOT_EAGER_MAIN.format(repo=str(REPO)))
     results = {}

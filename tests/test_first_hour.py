@@ -136,3 +136,14 @@ def test_identical_commands_give_identical_results_with_several_cpu_threads(tmp_
     first, second = (read_json(out / "results.json") for out in runs)
     assert first["acc_matrix"] == second["acc_matrix"]
     assert [t["train_loss"] for t in first["tasks"]] == [t["train_loss"] for t in second["tasks"]]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_prompt_methods_under_ddp_print_no_library_warning_and_one_line_per_epoch(tmp_path):
+    result = run_cli(["digits_l2p", "--output_dir", str(tmp_path / "run"), *FAST], nproc=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "find_unused_parameters" not in output and "Warning" not in output
+    epoch_lines = [line for line in output.splitlines() if "epoch 1/1" in line]
+    assert len(epoch_lines) == 2 and all("ETA" in line for line in epoch_lines)  # one per task, none per step
