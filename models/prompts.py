@@ -118,9 +118,8 @@ class PromptPool(nn.Module):
 
 def _rows(pool: torch.Tensor, slot_dim: int, idx: torch.Tensor) -> torch.Tensor:
     """`pool` indexed by `idx` (B, top_k) along `slot_dim`, the indexed axes in its place: `pool[:, idx]` or
-    `pool[:, :, idx]`. As an embedding lookup, whose backward sums a slot chosen by several samples in a fixed order;
-    advanced indexing's backward (an accumulating index_put) sums them in thread-dependent order on CPU and GPU, so
-    identical runs would differ in the last bits."""
-    table = pool.movedim(slot_dim, 0)
-    rows = F.embedding(idx, table.reshape(table.shape[0], -1)).view(*idx.shape, *table.shape[1:])
-    return rows.permute(*range(2, 2 + slot_dim), 0, 1, *range(2 + slot_dim, rows.dim()))
+    `pool[:, :, idx]`. By index_select, whose backward adds each sample's gradient into its slot in a fixed order and
+    in the parameter's own layout; advanced indexing's backward (an accumulating index_put) adds them in
+    thread-dependent order on CPU, so identical runs differed in the last bits."""
+    rows = torch.index_select(pool, slot_dim, idx.reshape(-1))
+    return rows.unflatten(slot_dim, tuple(idx.shape))
