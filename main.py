@@ -19,7 +19,7 @@ import few_shot
 import metrics
 import preemption
 from config.cli import parse_args
-from config.resolved import Config, config_json, config_to_dict
+from config.resolved import Config, config_json
 from config.settings import QueryModelSettings
 from datasets import build_scenario, load_benchmark
 from datasets.scenario import LoaderSettings
