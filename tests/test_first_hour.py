@@ -147,3 +147,30 @@ def test_prompt_methods_under_ddp_print_no_library_warning_and_one_line_per_epoc
     assert "find_unused_parameters" not in output and "Warning" not in output
     epoch_lines = [line for line in output.splitlines() if "epoch 1/1" in line]
     assert len(epoch_lines) == 2 and all("ETA" in line for line in epoch_lines)  # one per task, none per step
+
+
+@pytest.mark.slow
+def test_the_reference_readme_lines_after_the_demo(tmp_path, fake_cifar, capsys, monkeypatch):
+    """Its L2P, S-Prompt and DualPrompt lines all pass --output_dir ./output, where the demo keeps its runs' folders:
+    the first runs; the next would overwrite it and gets one line naming it and a free folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "output" / "demo" / "ncm_seed42").mkdir(parents=True)
+    (tmp_path / "output" / "demo" / "ncm_seed42" / "results.json").write_text("{}")
+    small = [*TINY, "--data-path", str(fake_cifar), "--output_dir", "./output", "--num_tasks", "2",
+             "--batch-size", "16"]
+    assert run_main("cifar100_l2p", *small, "--epochs", "1") == 0
+    assert read_json(tmp_path / "output" / "results.json")["subcommand"] == "cifar100_l2p"
+    err = fails_with_one_line(capsys, "cifar100_sprompt_5e", *small, "--epochs", "1")
+    assert err == ("error: --output_dir output holds a run of cifar100_l2p (seed 42, 2/2 tasks done); pass --resume "
+                   "to continue it, or choose another folder, e.g. output/cifar100_sprompt_seed42")
+
+
+def test_without_output_dir_each_run_gets_a_folder_of_its_own(tmp_path, monkeypatch):
+    from config.cli import parse_args
+    monkeypatch.chdir(tmp_path)
+    assert parse_args(["digits_l2p", "--seed", "3"]).run.output_dir == "output/digits_l2p_seed3"
+    (tmp_path / "output" / "digits_l2p_seed3").mkdir(parents=True)
+    (tmp_path / "output" / "digits_l2p_seed3" / "config.json").write_text('{"subcommand": "digits_l2p"}')
+    assert parse_args(["digits_l2p", "--seed", "3"]).run.output_dir == "output/digits_l2p_seed3_2"
+    assert parse_args(["digits_l2p", "--seed", "3", "--resume"]).run.output_dir == "output/digits_l2p_seed3"
+    assert parse_args(["digits_l2p", "--output_dir", "mine"]).run.output_dir == "mine"
