@@ -83,7 +83,8 @@ def test_episodes_depend_on_seed_and_index_only():
         EpisodeSampler(member, [3, 4, 5], num_ways=2, num_shots=3, num_queries=2, seed=7)
 
 
-def test_subcommands_flags_and_contradictions():
+def test_subcommands_flags_and_contradictions(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --output_dir depends on what ./output holds
     assert {"imr_few_shot_lora", "cub_cars_few_shot_lora", "digits_few_shot_lora"} <= set(subcommands())
     assert "cub_cars_l2p" not in subcommands() and "cifar100_few_shot_lora" not in subcommands()
     imr = parse_args(["imr_few_shot_lora"])
@@ -93,8 +94,8 @@ def test_subcommands_flags_and_contradictions():
     assert (imr.epochs, imr.lr, imr.num_episodes, imr.num_fs_epochs, imr.fs_backbone, imr.fs_lr, imr.clip_grad,
             imr.lora_rank) == (50, 0.01, 50, 50, "shared", 0.001, 2.0, 8)
     assert imr.train_vanilla and imr.train_shared and imr.train_few_shot  # no switch: all three
-    assert (imr.vanilla_model_output_dir, imr.shared_model_output_dir) == ("./output/vanilla_model",
-                                                                           "./output/shared_model")
+    assert (imr.vanilla_model_output_dir, imr.shared_model_output_dir) == (
+        "output/imr_few_shot_lora_seed42/vanilla_model", "output/imr_few_shot_lora_seed42/shared_model")
     cars = parse_args(["cub_cars_few_shot_lora", "--few_shot_dataset_idx", "1", "--output_dir", "o"])
     assert cars.dataset == "Split-Cars196+Split-CUB200" and cars.num_tasks == 16 and cars.num_classes == 320
     assert cars.few_class_idx == (160, 161, 162, 163, 164) and cars.fs_backbone == "vanilla+shared"

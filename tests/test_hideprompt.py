@@ -102,7 +102,7 @@ def test_stage_two_refuses_a_stage_one_run_that_does_not_fit(runs, tmp_path, cap
     assert "original_model_mlp_structure: [2] there, [4, 4] here" in err
     err = _fails(capsys, "digits_hideprompt", "--trained_original_model", str(runs / "wtp"), "--output_dir",
                  str(tmp_path / "c"), *FAST)
-    assert "not a HiDe-Prompt stage-1 checkpoint" in err
+    assert "not a stage-1 (task-identity) checkpoint of HiDe-Prompt or HiDe-LoRA, which HiDe-Prompt reads" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
