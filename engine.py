@@ -348,7 +348,8 @@ def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, c
     the world size."""
     method.eval()
     counts = torch.zeros(3, scenario.num_classes, dtype=torch.float64, device=ctx.device)  # correct, task right, total
-    seen = scenario.seen_mask(t).to(ctx.device)
+    # --eval_all_classes: the argmax over every class of the head, as the reference (untrained rows included)
+    seen = None if cfg.data.eval_all_classes else scenario.seen_mask(t).to(ctx.device)
     class_to_task = scenario.class_to_task.to(ctx.device)
     forward = predict_batch
     if compilation.enabled(cfg.run.compile, ctx.device):
@@ -561,7 +562,7 @@ def run_phase(method: ContinualMethod, phase: str, scenario: Scenario, cfg: Conf
     clock = Stopwatch()
     task.optimizers[phase], train_stats = train_task(method, scenario, phase_cfg, ctx, task, phase)
     seconds = {"train": clock.lap() + task.carried_seconds(phase)}
-    method.end_task(t, scenario.stats_loader(t))
+    method.end_task(t, scenario.stats_loader(t, per_class=cfg.data.stats_per_class))
     statistics = method.statistics_summary()
     seconds["statistics"] = clock.lap()
     task.stop_if_requested(ctx.device, phase, " after its class statistics")

@@ -157,6 +157,9 @@ def _run(cfg: Config) -> int:
         run_on_main_only(require_wandb)
     use_deterministic_algorithms(cfg.run.deterministic)  # before any CUDA work, for the few-shot flow too
     set_cpu_threads(cfg.run.threads, ctx.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if cfg.run.reference_mode:
+        switches = ", ".join(cfg.context.reference_switches) or "nothing: every setting it covers is already so"
+        log(f"--reference_mode: the reference's behaviour where ours differs: {switches}")
     for flag in cfg.context.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
     if few_shot.is_flow(cfg):  # not one continual run but a flow of them (few_shot.py)

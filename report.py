@@ -43,7 +43,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 NOT_GROUPED = RESULT_NEUTRAL | {"seed", "class_order", "trained_original_model", "vanilla_model_output_dir",
                                 "shared_model_output_dir"}
 # follow from other settings: they group runs, but naming a row by them would only repeat those settings
-DERIVED = frozenset({"effective_lr", "lr_scale", "global_batch_size"})
+DERIVED = frozenset({"effective_lr", "lr_scale", "global_batch_size", "reference_switches"})
 FORMATS = ("table", "markdown", "csv", "latex")
 PROVENANCE_KEY = "provenance"
 

@@ -18,7 +18,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import MISSING, Field, fields
+from dataclasses import MISSING, Field, fields, replace
 from typing import Any
 
 import torch
@@ -29,7 +29,14 @@ from models.backbones import format_backbone_table, resolve_backbone
 from run_files import run_folder_for
 from utils import UserError, launcher_ranks, resolve_amp
 
-from .presets import ANY, SUBCOMMAND_SUFFIX_ALIASES, dataset_keys, own_dataset_keys, preset_values
+from .presets import (
+    ANY,
+    SUBCOMMAND_SUFFIX_ALIASES,
+    dataset_keys,
+    own_dataset_keys,
+    preset_values,
+    reference_mode_values,
+)
 from .resolved import Config, RunContext
 from .settings import COMMON_GROUPS, CompatSettings, QueryModelSettings
 
@@ -379,9 +386,10 @@ def resolve(subcommand: str, dataset_key: str, method: str, explicit: dict[str, 
     """The frozen config of `subcommand` with the flags `explicit` (field name -> value) given."""
     cls = METHODS[method]
     groups = (*COMMON_GROUPS, *cls.settings_groups)
-    draft = Draft(layered_values(dataset_key, method, explicit), given=set(explicit), subcommand=subcommand,
-                  method=method)
     read = {f.name for g in groups for f in fields(g)}
+    values = layered_values(dataset_key, method, explicit)
+    switched = _reference_switches(values, dataset_key, method, read, explicit)
+    draft = Draft({**values, **switched}, given=set(explicit), subcommand=subcommand, method=method)
     _check_choices_and_minimums(draft, sorted(read))
     if draft.output_dir is None:
         draft.output_dir = run_folder_for(subcommand, draft.seed, resuming=draft.resume or draft.eval)
@@ -394,10 +402,23 @@ def resolve(subcommand: str, dataset_key: str, method: str, explicit: dict[str, 
     no_effect = sorted(name for name in explicit if name not in read)
     backbone, original = _resolve_backbones(draft, QueryModelSettings in cls.settings_groups)
     frozen = {g: _freeze(g, draft) for g in groups}
+    context = replace(_context(draft, cls, backbone, original, no_effect),
+                      reference_switches=tuple(f"--{name} {value}" for name, value in switched.items()))
     return Config(subcommand=subcommand, dataset_key=dataset_key, method=method,
                   **{g.key: frozen[g] for g in COMMON_GROUPS},
-                  method_groups=tuple(frozen[g] for g in cls.settings_groups),
-                  context=_context(draft, cls, backbone, original, no_effect))
+                  method_groups=tuple(frozen[g] for g in cls.settings_groups), context=context)
+
+
+def _reference_switches(values: dict[str, Any], dataset_key: str, method: str, read: set[str],
+                        explicit: dict[str, Any]) -> dict[str, Any]:
+    """With --reference_mode: the settings it changes for this method (those it reads, not given on the command
+    line, not at that value already)."""
+    if not values.get("reference_mode"):
+        return {}
+    wanted = reference_mode_values(values, dataset_key, method)
+    return {name: value for name, value in wanted.items()
+            if name in read and name not in explicit and values.get(name) != value}
+
 
 
 def _explicit_values(parser: argparse.ArgumentParser, subcommand: str, rest: list[str]) -> dict[str, Any]:

@@ -149,3 +149,16 @@ def preset_values(selected: dict[str, str]) -> dict[str, Any]:
     for row in sorted((r for r in PRESETS if r.matches(selected)), key=lambda r: r.specificity):
         values.update(row.values)
     return values
+
+
+# --reference_mode: the reference's behaviour where this suite's default differs (only the settings a method reads
+# are switched; a flag given on the command line wins)
+REFERENCE_MODE: dict[str, Any] = {"legacy_prefix_reshape": True, "stats_per_class": True, "eval_all_classes": True,
+                                  "amp": "none", "lora_init": "reference"}
+
+
+def reference_mode_values(values: dict[str, Any], dataset_key: str, method: str) -> dict[str, Any]:
+    """What --reference_mode sets for this subcommand: REFERENCE_MODE, and the test-time vote over each batch where
+    the reference's configs vote (the prompt methods' batchwise_prompt presets, HiDe-Prompt on 5-datasets)."""
+    vote = bool(values.get("batchwise_prompt")) or (dataset_key, method) == ("five_datasets", "hideprompt")
+    return {**REFERENCE_MODE, "batchwise_prompt_eval": vote}

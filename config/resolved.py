@@ -29,6 +29,7 @@ class RunContext:
     class_order: tuple[int, ...] = ()
     explicit_flags: tuple[str, ...] = ()  # the fields the command line set
     no_effect_flags: tuple[str, ...] = ()  # given, but read by nothing in this method
+    reference_switches: tuple[str, ...] = ()  # what --reference_mode set, e.g. "--amp none"
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,9 @@ class RunSettings(SettingsGroup):
                                   "GPU type, driver and libraries, a few % to ~30% slower depending on the ops (the "
                                   "fused attention backward takes a deterministic kernel); an op without one stops "
                                   "the run naming it. CPU runs repeat without it")
+    reference_mode: bool = setting(False, "the reference's own behaviour wherever this suite's default differs, to "
+                                   "reproduce its published numbers: every switch it turns on is printed, and a flag "
+                                   "given on the command line still wins")
     threads: int | None = setting(None, "CPU threads per process (torch.set_num_threads); default: OMP_NUM_THREADS "
                                   "when set, else on CPU the cores this process may use shared among the node's "
                                   "processes, at most 8 (more only contend on small models); on GPU, torch's own",
@@ -134,6 +137,12 @@ class DataSettings(SettingsGroup):
     pin_mem: bool = setting(True, "pinned host memory for the loaders (CUDA)", flags=("--pin-mem",),
                             negative=("--no-pin-mem", "--no_pin_mem"))
     task_inc: bool = setting(False, "task-incremental evaluation: mask to the evaluated task's classes")
+    eval_all_classes: bool = setting(False, "evaluation takes the argmax over every class of the head, the untrained "
+                                     "rows of classes not seen yet included, as the reference (default: among the "
+                                     "classes seen so far)")
+    stats_per_class: bool = setting(False, "class statistics computed in batches of one class each, as the reference "
+                                    "(with --legacy_prefix_reshape a sample's prompt depends on its batch, so only "
+                                    "this reproduces its statistics; default: mixed-class batches of the task)")
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,23 @@ class LoaderSettings:
     eval_batch_size: int | None = None
 
 
+class ClassBatches(Sampler[list[int]]):
+    """Batches of one class each: class by class, this rank's share of the class's positions (every world-th one, so
+    no image is seen twice), `batch_size` at a time."""
+
+    def __init__(self, classes: list[np.ndarray], batch_size: int, rank: int, world: int):
+        self.shares = [positions[rank::world] for positions in classes]
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for share in self.shares:
+            for start in range(0, len(share), self.batch_size):
+                yield share[start:start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        return sum(-(-len(share) // self.batch_size) for share in self.shares)
+
+
 @dataclass
 class Scenario:
     class_order: list[int]
@@ -111,10 +128,18 @@ class Scenario:
         data = self._require_data()
         return self._sharded(data.test, self._indices(data.test_targets, t))
 
-    def stats_loader(self, t: int) -> DataLoader:
-        """Task t's training images under the test transform, sharded without duplicates (class statistics)."""
+    def stats_loader(self, t: int, per_class: bool = False) -> DataLoader:
+        """Task t's training images under the test transform, sharded without duplicates (class statistics); with
+        `per_class`, in batches of one class each, as the reference's per-class loaders give them."""
         data = self._require_data()
-        return self._sharded(data.train_eval, self._indices(data.train_targets, t))
+        indices = self._indices(data.train_targets, t)
+        if not per_class:
+            return self._sharded(data.train_eval, indices)
+        targets = data.train_targets[indices]
+        batches = ClassBatches([np.flatnonzero(targets == c) for c in self.task_classes[t]],
+                               self.loader.eval_batch_size or self.loader.batch_size, get_rank(), get_world_size())
+        return DataLoader(Subset(data.train_eval, indices.tolist()), batch_sampler=batches,
+                          num_workers=self.loader.num_workers, pin_memory=self.loader.pin_memory)
 
     def _sharded(self, dataset: Dataset, indices: np.ndarray) -> DataLoader:
         subset = Subset(dataset, indices.tolist())

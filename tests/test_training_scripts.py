@@ -173,6 +173,16 @@ def test_a_quoted_argument_survives_the_printed_line(tmp_path):
     assert {launch_config(line).data_path for line in lines[:-1]} == {"/data/my sets/it's"}
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reference_mode_reaches_every_launch(tmp_path, script):
+    configs, _ = split_output(dry_run(tmp_path, script, *ARGUMENTS.get(script, []), env={"REFERENCE_MODE": "1"}))
+    assert configs and all(cfg.reference_mode for cfg in configs)
+    plain, _ = split_output(dry_run(tmp_path, script, *ARGUMENTS.get(script, [])))
+    assert not any(cfg.reference_mode for cfg in plain)
+    bad = run_script(tmp_path, script, *ARGUMENTS.get(script, []), env={"REFERENCE_MODE": "yes"})
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.startswith("error: REFERENCE_MODE='yes'")
+
+
 def test_a_bad_dry_run_value_is_one_error_line_and_nothing_printed(tmp_path):
     result = run_script(tmp_path, "train_cub_vit.sh", env={"DRY_RUN": "yes"})
     assert result.returncode == 2 and result.stdout == ""

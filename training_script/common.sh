@@ -5,7 +5,8 @@
 # script would launch, one line each, quoted so that it can be pasted into a shell, and runs nothing: no folder, no
 # file. Only the commands are printed (the output is a script), not the environment the script exports.
 # Every launch goes through run_or_print; launch_run (or record_run) keeps the run's folder, and report_runs ends
-# the script with `python report.py` over the runs it produced.
+# the script with `python report.py` over the runs it produced. REFERENCE_MODE=1 adds --reference_mode to every
+# launch.
 DRY_RUN=${DRY_RUN:-0}
 if [[ ${1:-} == --dry-run ]]; then
   DRY_RUN=1
@@ -16,6 +17,14 @@ case "$DRY_RUN" in
   1) ;;
   *) echo "error: DRY_RUN='$DRY_RUN': use DRY_RUN=1 to print the commands without running them, or 0 to run" \
           "them" >&2; exit 2 ;;
+esac
+# REFERENCE_MODE=1: every launch gets --reference_mode (the reference's own behaviour, to reproduce its numbers)
+REFERENCE_MODE=${REFERENCE_MODE:-0}
+case "$REFERENCE_MODE" in
+  0 | '') REFERENCE_FLAG=() ;;
+  1) REFERENCE_FLAG=(--reference_mode) ;;
+  *) echo "error: REFERENCE_MODE='$REFERENCE_MODE': use REFERENCE_MODE=1 to reproduce the reference's behaviour, or" \
+          "0 for this suite's defaults" >&2; exit 2 ;;
 esac
 RUNS=()
 
@@ -42,7 +51,7 @@ record_run() {
 # launch_run COMMAND [ARG...]: run_or_print, then record the command's run folder: its --output_dir, the last one
 # given as argparse takes the last (a script's extra arguments come after its own)
 launch_run() {
-  run_or_print "$@"
+  run_or_print "$@" "${REFERENCE_FLAG[@]}"
   local arg previous='' out=''
   for arg in "$@"; do
     case "$previous" in --output_dir | --output-dir) out=$arg ;; esac

@@ -21,9 +21,11 @@ for seed in $SEEDS; do
   common=(imr_few_shot_lora --model "$MODEL" --data-path "$DATA_PATH" --seed "$seed" --output_dir "$out"
           --vanilla_model_output_dir "$vanilla" --shared_model_output_dir "$shared")
   for part in --train_vanilla --train_shared; do
-    run_or_print torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" "$part" "$@"
+    run_or_print torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" "$part" "$@" \
+      "${REFERENCE_FLAG[@]}"
   done
-  run_or_print torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" --train_few_shot "$@"
+  run_or_print torchrun --nproc_per_node="$NPROC" --master_port="$PORT" main.py "${common[@]}" --train_few_shot "$@" \
+    "${REFERENCE_FLAG[@]}"
   # the runs (results.json) are the two upstream ones; the episodes' few_shot_*.json in $out are no run
   record_run "$vanilla"
   record_run "$shared"
