@@ -42,8 +42,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
 # order (it follows from the seed) and the folders of upstream runs (one per seed)
 NOT_GROUPED = RESULT_NEUTRAL | {"seed", "class_order", "trained_original_model", "vanilla_model_output_dir",
                                 "shared_model_output_dir"}
-# follow from other settings: they group runs, but naming a row by them would only repeat those settings
-DERIVED = frozenset({"effective_lr", "lr_scale", "global_batch_size", "reference_switches"})
+# follow from other settings or are in the method's name already: they group runs, but naming a row by them would
+# only repeat what the row says
+DERIVED = frozenset({"effective_lr", "lr_scale", "global_batch_size", "reference_switches", "reference_mode"})
 FORMATS = ("table", "markdown", "csv", "latex")
 PROVENANCE_KEY = "provenance"
 
@@ -82,6 +83,8 @@ class Run:
         for extra in (settings.get("part"), settings.get("stage")):
             if extra not in (None, "", "auto"):  # HiDe's stage-1 and stage-2 runs share a method
                 method += f" ({extra})"
+        if settings.get("reference_mode"):
+            method += " [reference mode]"
         backbone = settings.get("backbone") or self.results.get("model") or settings.get("model", "?")
         return method, self.results.get("dataset") or settings.get("dataset", "?"), backbone
 

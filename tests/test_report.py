@@ -256,3 +256,10 @@ def test_ledger_fills_ours_only_from_one_group_of_finished_runs(tmp_path, capsys
         assert filled[row]["FAA"] == "78.67 ± 3.51 (3 seeds)" and filled[row]["FFM"] == "8.67 ± 1.15 (3 seeds)"
     assert out == ledger.render(filled) + "\n"
     assert out.count("not yet run") == ledger.render().count("not yet run") - len(rows) * len(ledger.METRICS)
+
+
+def test_a_run_in_reference_mode_says_so_in_its_row(tmp_path, capsys):
+    fabricate(tmp_path / "ours", ["digits_linear"], LINEAR[1])
+    fabricate(tmp_path / "theirs", ["digits_linear", "--reference_mode"], LINEAR[2])
+    rows = csv_rows(capsys, str(tmp_path))
+    assert sorted(r["method"] for r in rows) == ["linear", "linear [reference mode]"] and "settings" not in rows[0]
