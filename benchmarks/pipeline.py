@@ -217,10 +217,10 @@ class RunProbe:
             return result
         return evaluating
 
-    def _counted(self, make: Callable[[int], Any], passes: list[int], wait: str | None = None) -> Callable:
+    def _counted(self, make: Callable[..., Any], passes: list[int], wait: str | None = None) -> Callable:
         @functools.wraps(make)
-        def counted(t: int) -> CountedLoader:
-            return CountedLoader(make(t), self.clock, passes, self.label(wait) if wait else None)
+        def counted(t: int, **options: Any) -> CountedLoader:
+            return CountedLoader(make(t, **options), self.clock, passes, self.label(wait) if wait else None)
         return counted
 
 
