@@ -20,7 +20,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import compilation
 import metrics
-import plots
 import preemption
 from config.resolved import Config, config_to_dict
 from datasets.scenario import Scenario
@@ -461,6 +460,7 @@ class RunRecord:
             values["time/task_seconds"] = entry["wall_seconds"]
         self.logger.log_scalars(values, t + 1)
         if self.logger.records:  # the matrix with its numbers, axes and colour scale, as the report draws it
+            import plots  # matplotlib only where a figure is drawn: not at every process's start-up
             self.logger.log_image("acc_matrix", plots.run_matrix_figure(self.acc, t, self.cfg.subcommand), t + 1)
         self.logger.log_text("acc_matrix", metrics.format_matrix(self.acc, t), t + 1)
         self.logger.flush()

@@ -21,6 +21,7 @@ import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ class Run:
     folder: Path
     results: dict[str, Any]
 
-    @property
+    @cached_property
     def settings(self) -> dict[str, Any]:
         return flat_settings(self.results.get("config") or {})
 
