@@ -127,7 +127,7 @@ def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler:
     scaler.update()
 
 
-def _masked(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def mask_logits(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return logits if mask is None else logits.detach().float().masked_fill(~mask, float("-inf"))
 
 
@@ -256,7 +256,7 @@ def train_one_epoch(model: Callable[..., tuple[torch.Tensor, torch.Tensor]], met
                 loss, logits = model(images, targets, t)
             optimizer_step(loss, optimizer, scaler, params, cfg.optim.clip_grad)
         totals += torch.stack([loss.detach().double() * len(targets),
-                               (_masked(logits, mask).argmax(1) == targets).sum().double()])
+                               (mask_logits(logits, mask).argmax(1) == targets).sum().double()])
         images_seen += len(targets)
         report = step % progress.print_freq == 0 or step == len(loader)
         if not report and task.watch(phase).first is not None:
@@ -339,43 +339,58 @@ def predict_batch(method: ContinualMethod, images: torch.Tensor,
     return method.predict(images, batch_key=batch_key), method.predict_task(images, batch_key=batch_key)
 
 
+def evaluation_forward(method: ContinualMethod, cfg: Config, ctx: DistContext) -> Callable:
+    """`predict_batch`, compiled when --compile asks for it."""
+    if compilation.enabled(cfg.run.compile, ctx.device):
+        return compilation.evaluation_forward(method, predict_batch, ctx.device)
+    return predict_batch
+
+
 @torch.no_grad()
-def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, ctx: DistContext) -> dict:
-    """Accuracy on the test set of every task 0..t, and task-identity accuracy (the share of each task's images whose
+def count_test_set(method: ContinualMethod, forward: Callable, loader, i: int, allowed: torch.Tensor | None,
+                   class_to_task: torch.Tensor | None, amp: str, device: torch.device) -> torch.Tensor:
+    """This rank's [correct, task inferred right, images] over test set i; `allowed` masks the classes that can be
+    predicted, `class_to_task` (None: no task identity) gives a predicted class's task when the method infers none."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for batch, (images, targets) in enumerate(loader):
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with maybe_autocast(device, amp), compilation.timed(forward):
+            logits, inferred_task = forward(method, images, ("test", i, batch))
+        predicted = mask_logits(logits, allowed).argmax(1)
+        if inferred_task is None and class_to_task is not None:
+            inferred_task = class_to_task[predicted]
+        task_right = (inferred_task == i).sum() if inferred_task is not None else targets.new_zeros(())
+        counts += torch.stack([(predicted == targets).sum(), task_right, targets.new_tensor(len(targets))]).double()
+    return counts
+
+
+@torch.no_grad()
+def evaluate(method: ContinualMethod, scenario: Scenario, t: int, cfg: Config, ctx: DistContext,
+             sets: Sequence[int] | None = None) -> dict:
+    """Accuracy on each test set evaluated after task t (`sets`, default: those of the tasks seen so far, or the
+    common one), and task-identity accuracy where a class tells its task (the share of each test set's images whose
     inferred task is right: the method's own inference, or the task of the predicted class). Each rank takes a
-    disjoint shard and per-class counts are summed over ranks, so every test image is counted exactly once whatever
-    the world size."""
+    disjoint shard and the counts are summed over ranks, so every test image is counted exactly once whatever the
+    world size."""
     method.eval()
-    counts = torch.zeros(3, scenario.num_classes, dtype=torch.float64, device=ctx.device)  # correct, task right, total
+    sets = scenario.evaluated_sets(t) if sets is None else list(sets)
     # --eval_all_classes: the argmax over every class of the head, as the reference (untrained rows included)
     seen = None if cfg.data.eval_all_classes else scenario.seen_mask(t).to(ctx.device)
-    class_to_task = scenario.class_to_task.to(ctx.device)
-    forward = predict_batch
-    if compilation.enabled(cfg.run.compile, ctx.device):
-        forward = compilation.evaluation_forward(method, predict_batch, ctx.device)
+    class_to_task = scenario.class_to_task.to(ctx.device) if scenario.has_task_identity else None
+    forward = evaluation_forward(method, cfg, ctx)
     start = time.perf_counter()
-    for i in range(t + 1):
-        allowed = scenario.class_mask(i).to(ctx.device) if cfg.data.task_inc else seen
-        for batch, (images, targets) in enumerate(scenario.test_loader(i)):
-            images, targets = images.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
-            with maybe_autocast(ctx.device, cfg.run.amp), compilation.timed(forward):
-                logits, inferred_task = forward(method, images, ("test", i, batch))
-            predicted = _masked(logits, allowed).argmax(1)
-            if inferred_task is None:
-                inferred_task = class_to_task[predicted]
-            for row, hits in enumerate((predicted == targets, inferred_task == i, torch.ones_like(targets))):
-                counts[row].index_add_(0, targets, hits.double())
-    correct, task_right, total = all_reduce_sum(counts)
-    task_acc, tii_acc = [], []
-    for i in range(t + 1):
-        classes = scenario.task_classes[i]
-        images = max(total[classes].sum().item(), 1.0)
-        task_acc.append(100.0 * correct[classes].sum().item() / images)
-        tii_acc.append(100.0 * task_right[classes].sum().item() / images)
-    n = total.sum().item()
+    counts = torch.stack([
+        count_test_set(method, forward, scenario.test_loader(i), i,
+                       scenario.class_mask(i).to(ctx.device) if cfg.data.task_inc else seen, class_to_task,
+                       cfg.run.amp, ctx.device) for i in sets])
+    correct, task_right, total = all_reduce_sum(counts).T.tolist()
+    task_acc = [100.0 * c / max(n, 1.0) for c, n in zip(correct, total, strict=True)]
+    tii_acc = [100.0 * r / max(n, 1.0) for r, n in zip(task_right, total, strict=True)]
+    n = sum(total)
     seconds = time.perf_counter() - start
-    return {"task_acc": task_acc, "tii_acc": tii_acc, "overall_acc": 100.0 * correct.sum().item() / max(n, 1.0),
-            "test_images": int(n), "eval_seconds": seconds, "eval_images_per_second": n / seconds if seconds else 0.0}
+    return {"task_acc": task_acc, "tii_acc": tii_acc if class_to_task is not None else None,
+            "overall_acc": 100.0 * sum(correct) / max(n, 1.0), "test_images": int(n), "eval_seconds": seconds,
+            "eval_images_per_second": n / seconds if seconds else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,7 +441,7 @@ class RunRecord:
         self.config = config_to_dict(cfg)  # on a resume, the run's own: a resume changes nothing of a result
         self.path = output_dir / filename
         num_tasks = scenario.num_tasks
-        self.acc = np.zeros((num_tasks, num_tasks))
+        self.acc = np.zeros((scenario.num_test_sets, num_tasks))  # [test set, after task]
         self.tasks: list[dict[str, Any]] = []
         self.logger = logger if logger is not None else RunLogger()
         self.provenance = provenance
@@ -434,23 +449,26 @@ class RunRecord:
 
     def add(self, t: int, evaluation: dict, extra: dict[str, Any]) -> dict[str, Any]:
         """Task t's results (every rank calls it: the provenance gathers over the ranks)."""
-        self.acc[: t + 1, t] = evaluation["task_acc"]
-        entry = {"task": t + 1, **metrics.summarize(self.acc, t), "overall_acc": evaluation["overall_acc"],
-                 "tii_acc": evaluation["tii_acc"], "avg_tii_acc": float(np.mean(evaluation["tii_acc"])),
+        common = self.scenario.common_test_set
+        self.acc[self.scenario.evaluated_sets(t), t] = evaluation["task_acc"]
+        tii = evaluation["tii_acc"]
+        entry = {"task": t + 1, **metrics.summarize(self.acc, t, common), "overall_acc": evaluation["overall_acc"],
+                 "tii_acc": tii, "avg_tii_acc": float(np.mean(tii)) if tii is not None else None,
                  "test_images": evaluation["test_images"], "eval_seconds": evaluation["eval_seconds"],
                  "eval_images_per_second": evaluation["eval_images_per_second"], **extra}
         del self.tasks[t:]
         self.tasks.append(entry)
         if self.provenance is not None:
             self.provenance.update(t)
-        log(metrics.format_matrix(self.acc, t))
-        log(metrics.format_summary(entry, t, self.scenario.num_tasks) + f" | overall {entry['overall_acc']:.2f} | "
-            f"task identity {entry['avg_tii_acc']:.2f}")
+        log(metrics.format_matrix(self.acc, t, common))
+        identity = f" | task identity {entry['avg_tii_acc']:.2f}" if tii is not None else ""
+        log(metrics.format_summary(entry, t, self.scenario.num_tasks) + f" | overall {entry['overall_acc']:.2f}"
+            + identity)
         self._log_task(t, entry)
         return entry
 
     def _log_task(self, t: int, entry: dict[str, Any]) -> None:
-        accuracies = {f"accuracy_{i + 1}": float(self.acc[i, t]) for i in range(t + 1)}
+        accuracies = {f"accuracy_{i + 1}": float(self.acc[i, t]) for i in self.scenario.evaluated_sets(t)}
         summary = {key: entry[key] for key in EVAL_KEYS if entry[key] is not None}
         values = {**accuracies, **{key: summary[key] for key in UNTAGGED_KEYS if key in summary}}
         values.update({f"eval/{key}": value for key, value in {**accuracies, **summary}.items()})
@@ -462,7 +480,7 @@ class RunRecord:
         if self.logger.records:  # the matrix with its numbers, axes and colour scale, as the report draws it
             import plots  # matplotlib only where a figure is drawn: not at every process's start-up
             self.logger.log_image("acc_matrix", plots.run_matrix_figure(self.acc, t, self.cfg.subcommand), t + 1)
-        self.logger.log_text("acc_matrix", metrics.format_matrix(self.acc, t), t + 1)
+        self.logger.log_text("acc_matrix", metrics.format_matrix(self.acc, t, self.scenario.common_test_set), t + 1)
         self.logger.flush()
 
     def log_epoch(self, phase: str, step: int, stats: dict[str, Any]) -> None:
@@ -490,8 +508,9 @@ class RunRecord:
 
     def as_dict(self) -> dict[str, Any]:
         done = len(self.tasks)
-        matrix = [[float(self.acc[i, c]) if i <= c < done else None for c in range(self.scenario.num_tasks)]
-                  for i in range(self.scenario.num_tasks)]
+        first = self.scenario.first_evaluation
+        matrix = [[float(self.acc[i, c]) if first(i) <= c < done else None for c in range(self.scenario.num_tasks)]
+                  for i in range(self.scenario.num_test_sets)]
         return {"subcommand": self.cfg.subcommand, "method": self.cfg.method, "dataset": self.cfg.data.dataset,
                 "model": self.cfg.backbone.model, "num_tasks": self.scenario.num_tasks, "completed_tasks": done,
                 "class_order": self.scenario.class_order, "task_classes": self.scenario.task_classes,

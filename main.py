@@ -22,7 +22,7 @@ from config.cli import parse_args
 from config.resolved import Config, config_json
 from config.settings import QueryModelSettings
 from datasets import build_scenario, load_benchmark
-from datasets.scenario import LoaderSettings
+from datasets.scenario import LoaderSettings, StreamShape
 from models import METHODS, create_method
 from models.backbones import resolve_backbone, weights_file
 from run_files import check_output_dir, held_run, lock_output_dir, release_output_dirs, run_folder_for
@@ -60,7 +60,8 @@ def check_before_data(cfg: Config) -> None:
     run) and the output folder. All run before the dataset is touched, so they fail in a second and together: more
     than one problem is one line, "N problems: (1) ... (2) ..."."""
     data = cfg.data
-    checks = (lambda: build_scenario(data.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset),
+    checks = (lambda: build_scenario(data.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset,
+                                     shape=StreamShape.of(cfg.stream)),
               lambda: check_weight_files(cfg),
               lambda: METHODS[cfg.method].check_before_data(cfg),
               lambda: check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume,
@@ -176,7 +177,7 @@ def _run(cfg: Config) -> int:
     loader = LoaderSettings(batch_size=cfg.optim.batch_size, num_workers=data.num_workers,
                             pin_memory=data.pin_mem and ctx.device.type == "cuda", seed=cfg.run.seed)
     scenario = build_scenario(benchmark.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset,
-                              benchmark=benchmark, loader=loader)
+                              benchmark=benchmark, loader=loader, shape=StreamShape.of(cfg.stream))
     seed_everything(cfg.run.seed)
     method = create_method(cfg, scenario).to_run_device(ctx.device, cfg.run.amp)
     _log_run(cfg, method, scenario, ctx)

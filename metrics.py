@@ -1,6 +1,7 @@
 """Continual-learning metrics over the accuracy matrix.
 
-`acc[i, t]` is the accuracy (%) on task i's test set after training task t; entries with i > t are not defined.
+`acc[i, t]` is the accuracy (%) on task i's test set after training task t; entries with i > t are not defined. With
+one test set common to every task (CORe50, the task-free stream) the matrix is one row, `acc[0, t]`.
 """
 from __future__ import annotations
 
@@ -40,7 +41,22 @@ def backward_transfer(acc: np.ndarray, t: int) -> float | None:
     return float(np.mean([acc[i, t] - acc[i, i] for i in range(t)]))
 
 
-def summarize(acc: np.ndarray, t: int) -> dict[str, float | None]:
+def summarize_common(acc: np.ndarray, t: int) -> dict[str, float | None]:
+    """The same keys for one common test set: A_t is its accuracy after task t, forgetting its drop from the best
+    before (the reference's: best up to now; the standard: best before now), BWT undefined (no task of its own)."""
+    row = acc[0, : t + 1]
+    return {
+        "avg_acc": float(row[t]),
+        "avg_incremental_acc": float(np.mean(row)),
+        "forgetting": float(row.max() - row[t]) if t else None,
+        "forgetting_standard": float(row[:t].max() - row[t]) if t else None,
+        "bwt": None,
+    }
+
+
+def summarize(acc: np.ndarray, t: int, common_test_set: bool = False) -> dict[str, float | None]:
+    if common_test_set:
+        return summarize_common(acc, t)
     return {
         "avg_acc": average_accuracy(acc, t),
         "avg_incremental_acc": average_incremental_accuracy(acc, t),
@@ -50,9 +66,12 @@ def summarize(acc: np.ndarray, t: int) -> dict[str, float | None]:
     }
 
 
-def format_matrix(acc: np.ndarray, t: int) -> str:
-    """The seen part of the matrix as text: one row per test task, one column per training task."""
+def format_matrix(acc: np.ndarray, t: int, common_test_set: bool = False) -> str:
+    """The seen part of the matrix as text: one row per test task (or the common test set's one row, "all"), one
+    column per training task."""
     header = "test\\after " + " ".join(f"{f'T{c + 1}':>7}" for c in range(t + 1))
+    if common_test_set:
+        return header + "\n" + f"{'all':>11} " + " ".join(f"{acc[0, c]:7.2f}" for c in range(t + 1))
     rows = [header]
     for i in range(t + 1):
         cells = " ".join(f"{acc[i, c]:7.2f}" if c >= i else f"{'':>7}" for c in range(t + 1))

@@ -167,3 +167,24 @@ def format_online_summary(summary: dict[str, Any], prequential: dict[str, Any] |
                      f"({prequential['n_windows']} windows of {prequential['window']} samples)")
     lines.append(format_online_matrix(np.asarray(summary["accuracy_matrix"])))
     return "\n".join(lines)
+
+
+def common_test_summary(positions: Sequence[float], accuracies: Sequence[float],
+                        task_end: Sequence[bool]) -> dict[str, Any]:
+    """One common test set (CORe50, the task-free stream), evaluated at `positions` (in task units, increasing):
+      accuracy_final         the last evaluation's accuracy (at the end of the stream)
+      anytime_accuracy       every evaluation's accuracy, with anytime_task_index its position
+      anytime_accuracy_avg   their mean
+      accuracy_after_task    the evaluations made at a task's end, with after_task_index their positions
+      accuracy_avg           their mean
+      forgetting             the best accuracy at an earlier task end minus the final one (None with a single one)"""
+    values = np.asarray(accuracies, dtype=np.float64)
+    ends = np.asarray(task_end, dtype=bool)
+    if values.size == 0 or values.shape != ends.shape or not ends[-1]:
+        raise ValueError("a common test set needs its evaluations, the last at the end of the stream")
+    after = values[ends]
+    return {"accuracy_final": float(values[-1]), "anytime_accuracy": values.tolist(),
+            "anytime_task_index": [float(p) for p in positions], "anytime_accuracy_avg": float(values.mean()),
+            "accuracy_after_task": after.tolist(), "after_task_index": [float(p) for p, e in zip(positions, ends) if e],
+            "accuracy_avg": float(after.mean()),
+            "forgetting": float(after[:-1].max() - after[-1]) if after.size > 1 else None}

@@ -68,10 +68,13 @@ def matrix_figure(mean: np.ndarray, std: np.ndarray | None = None, title: str = 
 
 
 def run_matrix_figure(acc: np.ndarray, t: int, title: str = "") -> Figure:
-    """One run's matrix after task t (cells of later tasks and below the diagonal left blank)."""
+    """One run's matrix after task t (cells of later tasks and below the diagonal left blank); a one-row matrix is a
+    common test set's, evaluated after every task."""
     seen = np.full(acc.shape, np.nan)
-    for i in range(t + 1):
-        seen[i, i:t + 1] = acc[i, i:t + 1]
+    common = acc.shape[0] == 1
+    for i in range(min(t + 1, acc.shape[0])):
+        start = 0 if common else i
+        seen[i, start:t + 1] = acc[i, start:t + 1]
     return matrix_figure(seen, None, title)
 
 

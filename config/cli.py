@@ -38,7 +38,7 @@ from .presets import (
     reference_mode_values,
 )
 from .resolved import Config, RunContext
-from .settings import COMMON_GROUPS, CompatSettings, QueryModelSettings
+from .settings import COMMON_GROUPS, CompatSettings, QueryModelSettings, StreamSettings
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
@@ -350,6 +350,29 @@ def _check_common(draft: Draft, cls: type[ContinualMethod]) -> None:
         draft.epochs = 0  # nothing to train; keep the config honest about it
 
 
+def _check_stream(draft: Draft, cls: type[ContinualMethod]) -> None:
+    """The online protocol and the task-free / domain-incremental scenarios, for the methods that can run them."""
+    scenario, protocol = draft.scenario, draft.protocol
+    if StreamSettings not in cls.settings_groups:
+        if scenario != "class" or protocol != "offline":
+            what = f"the {scenario} scenario" if scenario != "class" else "the online protocol"
+            raise UserError(f"{draft.method} does not run {what}: {cls.stream_refusal}; streams run "
+                            f"{', '.join(m for m, c in METHODS.items() if StreamSettings in c.settings_groups)}")
+        return
+    if scenario == "gaussian":
+        reason = cls.task_free_refusal(draft)
+        if reason:
+            raise UserError(f"{draft.method} refuses the task-free (gaussian) scenario: {reason}")
+        if protocol != "online":
+            raise UserError("the gaussian scenario is a single-pass stream of episodes: drop --protocol offline")
+        if draft.steps_per_task == 0 or draft.steps_per_task < -1:
+            raise UserError(f"--steps_per_task {draft.steps_per_task}: give a number of batches per episode, or -1 "
+                            "for every training image of its label set")
+    if protocol == "online" and draft.sched != "constant":
+        raise UserError(f"--sched {draft.sched} steps once per epoch; the online protocol makes one pass: use --sched "
+                        "constant")
+
+
 def _resolve_backbones(draft: Draft, reads_original: bool) -> tuple[str, str | None]:
     """The table names --model and --original_model stand for, and which weight file each loads."""
     if draft.pretrained_checkpoint:
@@ -394,6 +417,7 @@ def resolve(subcommand: str, dataset_key: str, method: str, explicit: dict[str, 
     if draft.output_dir is None:
         draft.output_dir = run_folder_for(subcommand, draft.seed, resuming=draft.resume or draft.eval)
     _check_common(draft, cls)
+    _check_stream(draft, cls)
     cls.resolve_settings(draft)
     _check_choices_and_minimums(draft, sorted(read))
     if draft.stop_after_task is not None and not 1 <= draft.stop_after_task <= draft.num_tasks:

@@ -45,8 +45,12 @@ def _p(dataset: str | tuple[str, ...] = ANY, method: str | tuple[str, ...] = ANY
 
 
 PROMPT_METHODS = ("l2p", "dualprompt", "sprompt")
+# what every Split Digits variant runs with: a tiny random ViT on 32 px images, offline, in about a minute
+DIGITS_RUN: dict[str, Any] = dict(model="vit_tiny_patch16_224", original_model="vit_tiny_patch16_224",
+                                  pretrained=False, input_size=32, batch_size=16, epochs=2, num_workers=0,
+                                  pin_mem=False, print_freq=20)
+DIGITS = ("digits", "digitsgaussian", "digitsdomain")
 HIDE_METHODS = ("hideprompt", "hidelora")
-TINY = "vit_tiny_patch16_224"
 
 PRESETS: list[Preset] = [
     # --- datasets ---------------------------------------------------------------------------------------------
@@ -54,8 +58,14 @@ PRESETS: list[Preset] = [
     _p("imr", dataset="Split-Imagenet-R", num_classes=200, num_tasks=10),
     _p("cub", dataset="Split-CUB200", num_classes=200, num_tasks=10),
     _p("five_datasets", dataset="5-datasets", num_classes=50, num_tasks=5, batch_size=16),
-    _p("digits", dataset="Split-Digits", num_classes=10, num_tasks=5, model=TINY, original_model=TINY,
-       pretrained=False, input_size=32, batch_size=16, epochs=2, num_workers=0, pin_mem=False, print_freq=20),
+    _p("digits", dataset="Split-Digits", num_classes=10, num_tasks=5, **DIGITS_RUN),
+    # task-free and domain-incremental streams (methods that need task boundaries refuse them)
+    _p("cifar100gaussian", dataset="Split-CIFAR100", num_classes=100, num_tasks=200, scenario="gaussian",
+       protocol="online", steps_per_task=-1, reinit_optimizer=False, batch_size=16),
+    _p("core50", dataset="CORe50", num_classes=50, num_tasks=8, scenario="domain", input_size=224),
+    _p("digitsgaussian", dataset="Split-Digits", num_classes=10, num_tasks=10, scenario="gaussian", protocol="online",
+       steps_per_task=2, gaussian_width=2.0, reinit_optimizer=False, **DIGITS_RUN),
+    _p("digitsdomain", dataset="Digits-Domains", num_classes=10, num_tasks=3, scenario="domain", **DIGITS_RUN),
     # --- methods ----------------------------------------------------------------------------------------------
     _p(ANY, "finetune", lr=0.001),
     _p(ANY, "fix", lr=0.001),
@@ -72,13 +82,14 @@ PRESETS: list[Preset] = [
     _p(ANY, "hidelora", lora_type="hide", clip_grad=2.0, tii_clip_grad=1.0, original_model_mlp_structure=[2]),
     _p(ANY, "few_shot_lora", clip_grad=2.0),
     # --- (dataset, method) cells --------------------------------------------------------------------------------
-    _p("digits", ("finetune", "fix"), lr=0.01),
-    _p("digits", "joint", lr=0.01, epochs=4),
-    _p("digits", "linear", lr=0.3),
+    _p(DIGITS, ("finetune", "fix"), lr=0.01),
+    _p(DIGITS, "joint", lr=0.01, epochs=4),
+    _p(DIGITS, "linear", lr=0.3),
     _p("cifar100", "sprompt", batchwise_prompt=True),
     _p("cifar100", ("dualprompt", "sprompt"), epochs=40),  # the reference README's CIFAR-100 epochs (L2P: 5)
     _p("imr", PROMPT_METHODS, epochs=50, lr=0.005),
     _p("cub", PROMPT_METHODS, sched="step", warmup_epochs=0),
+    _p("cifar100gaussian", "l2p", top_k=5),  # the Gaussian stream's L2P: top-5 of 10
     _p("five_datasets", "l2p", size=20, length=10, pull_constraint_coeff=0.5),
     _p("five_datasets", "dualprompt", size=5, length=40, g_prompt_length=10, batchwise_prompt=True,
        pull_constraint_coeff=0.5),

@@ -12,7 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, TypeVar
 
-from .settings import BackboneSettings, DataSettings, DistSettings, OptimSettings, RunSettings, SettingsGroup
+from .settings import (
+    BackboneSettings,
+    DataSettings,
+    DistSettings,
+    OptimSettings,
+    RunSettings,
+    SettingsGroup,
+    StreamSettings,
+)
 
 G = TypeVar("G")
 LAYOUT = 2  # config.json / checkpoint config layout: groups nested by key (layout 1 was one flat dict)
@@ -59,6 +67,12 @@ class Config:
 
     def has(self, kind: type) -> bool:
         return any(isinstance(group, kind) for group in self.method_groups)
+
+    @property
+    def stream(self) -> StreamSettings:
+        """How the data arrives; a method that reads no stream settings runs the default, class-incremental and
+        offline."""
+        return self.group(StreamSettings) if self.has(StreamSettings) else StreamSettings()
 
     def __getattr__(self, name: str) -> Any:
         """Read-only shorthand: a field by its flag name, whichever group holds it (names are unique), or a run

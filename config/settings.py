@@ -194,6 +194,29 @@ class CompatSettings(SettingsGroup):
 COMMON_GROUPS: tuple[type, ...] = (RunSettings, DistSettings, OptimSettings, DataSettings, BackboneSettings)
 
 
+@dataclass(frozen=True)
+class StreamSettings(SettingsGroup):
+    """How the data arrives: by task and epoch (offline) or as a single-pass stream, and what a task is."""
+
+    title, key = "streams (online protocol, task-free and domain-incremental scenarios)", "stream"
+    scenario: str = setting("class", "class: tasks split the classes; domain: every task holds every class in a new "
+                            "domain (CORe50's sessions); gaussian: task-free episodes whose classes follow Gaussian "
+                            "presence curves (online only). Set by the subcommand's dataset",
+                            choices=("class", "domain", "gaussian"))
+    protocol: str = setting("offline", "offline: --epochs per task; online: one pass over each task's stream, each "
+                            "batch predicted before it is learned from, every test set evaluated "
+                            "--continual_evaluations times per task", choices=("offline", "online"))
+    online_batch_size: int | None = setting(None, "online: images per step of the stream over all processes "
+                                            "(default: --batch-size x processes)", minimum=1)
+    continual_evaluations: int = setting(1, "online: evaluations per task at evenly spaced points of its stream, the "
+                                         "last at its end (gaussian: over the whole schedule)", minimum=1)
+    eval_window: int = setting(1000, "online: test-then-train accuracy over windows of this many training images",
+                               minimum=1)
+    steps_per_task: int = setting(-1, "gaussian: batches per episode (-1: every training image of its label set)")
+    gaussian_width: float = setting(50.0, "gaussian: width of each class's presence curve, in schedule positions",
+                                    positive=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Shared by several methods
 # ----------------------------------------------------------------------------------------------------------------

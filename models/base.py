@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from config.resolved import Config
-from config.settings import QueryModelSettings
+from config.settings import QueryModelSettings, StreamSettings
 from datasets.scenario import Scenario, make_class_order
 from utils import AMP_DTYPES, UserError, log
 
@@ -82,6 +82,9 @@ class ContinualMethod(nn.Module):
     checkpoint_prefixes: tuple[str, ...] = ()
     settings_groups: tuple[type, ...] = ()  # the settings dataclasses it reads beyond the common ones
     own_datasets = False  # True: its subcommands are the dataset keys of its own preset rows only
+    # why it cannot run the online protocol or a task-free / domain-incremental scenario (methods that can read
+    # StreamSettings instead)
+    stream_refusal = "it needs task boundaries and several epochs per task"
 
     def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__()
@@ -160,6 +163,11 @@ class ContinualMethod(nn.Module):
         return None
 
     @classmethod
+    def task_free_refusal(cls, draft: Any) -> str:
+        """Why this configuration needs task boundaries, which the task-free stream does not give ("" = it runs)."""
+        return ""
+
+    @classmethod
     def class_order(cls, draft: Any) -> list[int]:
         return make_class_order(draft.num_classes, draft.shuffle, draft.seed)
 
@@ -171,6 +179,14 @@ class ContinualMethod(nn.Module):
 
     def train_mask(self, t: int) -> torch.Tensor | None:
         return self._task_masks[t] if self.cfg.optim.train_mask else None
+
+    def class_mask(self, t: int) -> torch.Tensor:
+        """True for the classes of task t."""
+        return self._task_masks[t]
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self._task_masks.shape[0])
 
     # --- hooks called by engine.py -----------------------------------------------------------------------------
     def set_phase(self, phase: str) -> Config:
@@ -247,6 +263,7 @@ class BackboneHeadMethod(ContinualMethod):
     """A timm ViT and a linear head over all classes; subclasses only say when the backbone trains."""
 
     checkpoint_prefixes = ("head.",)
+    settings_groups = (StreamSettings,)
 
     def __init__(self, cfg: Config, scenario: Scenario):
         super().__init__(cfg, scenario)

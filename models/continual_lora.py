@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from config.resolved import Config
-from config.settings import LoRASettings, LoRATypeSettings
+from config.settings import LoRASettings, LoRATypeSettings, StreamSettings
 from datasets.scenario import Scenario
 
 from .base import ContinualMethod, classifier_head, create_backbone_from, masked_cross_entropy
@@ -18,7 +18,7 @@ from .vit import freeze
 
 class ContinualLoRA(ContinualMethod):
     checkpoint_prefixes = ("lora.", "head.")
-    settings_groups = (LoRATypeSettings, LoRASettings)
+    settings_groups = (LoRATypeSettings, LoRASettings, StreamSettings)
 
     @classmethod
     def resolve_settings(cls, draft: Any) -> None:

@@ -35,6 +35,7 @@ class SharedLoRA(ContinualMethod):
     checkpoint_prefixes = ("lora.", "head.")
     # the LoRA settings but --lora_type: its pool is always one slot per dataset
     settings_groups = (LoRASettings, FewShotSettings)
+    stream_refusal = "its upstream runs and few-shot episodes are a flow of their own"
     own_datasets = True
 
     @classmethod

@@ -297,6 +297,8 @@ def _read_stage1(directory: str, t: int, cfg: Config) -> dict[str, torch.Tensor]
 
 class HiDeMethod(ContinualMethod):
     instruction_class: type[Instruction] = Instruction
+    stream_refusal = ("its stages, class statistics and task-adaptive prediction need task boundaries, several epochs "
+                      "per task and the task of every class")
 
     @classmethod
     def preset_stage(cls, values: dict[str, Any]) -> str | None:

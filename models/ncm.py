@@ -17,6 +17,7 @@ from .vit import freeze
 
 class NCM(ContinualMethod):
     trains = False
+    stream_refusal = "it takes no gradient steps: it averages each task's features once the task has ended"
     checkpoint_prefixes = ("class_sums", "class_counts")
 
     def __init__(self, cfg: Config, scenario: Scenario):

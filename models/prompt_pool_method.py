@@ -11,11 +11,13 @@ unless `--batchwise_prompt_eval` asks for the reference's batch-majority vote.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
 from config.resolved import Config
-from config.settings import EPromptSettings, PromptPoolSettings, QueryModelSettings, SlotSettings
+from config.settings import EPromptSettings, PromptPoolSettings, QueryModelSettings, SlotSettings, StreamSettings
 from datasets.scenario import Scenario
 from utils import UserError, warn
 
@@ -25,7 +27,7 @@ from .vit import check_promptable, forward_prompted, freeze_pretrained, pretrain
 
 
 class PromptPoolMethod(ContinualMethod):
-    settings_groups = (QueryModelSettings, SlotSettings, EPromptSettings, PromptPoolSettings)
+    settings_groups = (QueryModelSettings, SlotSettings, EPromptSettings, PromptPoolSettings, StreamSettings)
     checkpoint_prefixes = ("e_prompt.", "g_prompt", "head.")
 
     def __init__(self, cfg: Config, scenario: Scenario):
@@ -52,6 +54,13 @@ class PromptPoolMethod(ContinualMethod):
         if self.prompts.batchwise_prompt_eval:
             warn("--batchwise_prompt_eval selects one prompt per test batch by majority vote; test batches hold one "
                  "task, so this leaks near-oracle task identity (the reference's evaluation)")
+
+    @classmethod
+    def task_free_refusal(cls, draft: Any) -> str:
+        if draft.use_prompt_mask:
+            return ("it trains slot t on task t (--use_prompt_mask); pass --use_prompt_mask False to choose the slots "
+                    "by key matching, as L2P does")
+        return ""
 
     @staticmethod
     def _check_config(method: str, size: int, prompts: EPromptSettings, pool: PromptPoolSettings,
