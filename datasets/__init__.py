@@ -7,8 +7,9 @@ from utils import UserError
 
 from .base import Benchmark
 from .cifar import load_cifar100
+from .core50 import load_core50
 from .cub import load_cub200
-from .digits import load_digits
+from .digits import load_digits, load_digits_domains
 from .five_datasets import load_five_datasets
 from .imagenet_r import load_imagenet_r
 from .scenario import Scenario, build_scenario
@@ -22,6 +23,8 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = {
     "Split-CUB200": load_cub200,
     "Split-Cars196": load_cars196,
     "5-datasets": load_five_datasets,
+    "CORe50": load_core50,
+    "Digits-Domains": load_digits_domains,
 }
 
 

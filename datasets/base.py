@@ -78,3 +78,6 @@ class Benchmark:
     test: Dataset         # test split, test transform
     train_targets: np.ndarray
     test_targets: np.ndarray
+    # domain-incremental benchmarks: each sample's domain 0..D-1 (its task); None elsewhere
+    train_domains: np.ndarray | None = None
+    test_domains: np.ndarray | None = None  # None: one test set common to every domain

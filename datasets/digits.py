@@ -1,5 +1,6 @@
 """Split Digits, the offline default: scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), so a fresh
-machine runs the whole pipeline with no download."""
+machine runs the whole pipeline with no download; Digits-Domains, the same split in three domains, likewise for
+domain-incremental runs."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,15 +32,60 @@ def _to_model_input(images: np.ndarray, input_size: int) -> torch.Tensor:
     return ((x - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
 
 
-def load_digits(data_path: str, input_size: int, download: bool = True) -> Benchmark:
+def _fixed_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The (N, 8, 8) images, their labels, and the sorted train and test indices of the fixed stratified split."""
     digits = sklearn_digits()
     indices = np.arange(len(digits.target))
     train_idx, test_idx = train_test_split(indices, test_size=TEST_FRACTION, stratify=digits.target,
                                            random_state=SPLIT_SEED)
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    images = _to_model_input(digits.images, input_size)
-    targets = digits.target.astype(np.int64)
+    return digits.images, digits.target.astype(np.int64), np.sort(train_idx), np.sort(test_idx)
+
+
+def load_digits(data_path: str, input_size: int, download: bool = True) -> Benchmark:
+    raw_images, targets, train_idx, test_idx = _fixed_split()
+    images = _to_model_input(raw_images, input_size)
     train = TransformedDataset(TensorRows(images[train_idx]), targets[train_idx], None)
     test = TransformedDataset(TensorRows(images[test_idx]), targets[test_idx], None)
     return Benchmark(name="Split-Digits", num_classes=10, train=train, train_eval=train, test=test,
                      train_targets=targets[train_idx], test_targets=targets[test_idx])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Digits-Domains: the same split seen in three domains, for domain-incremental runs with no download
+# ----------------------------------------------------------------------------------------------------------------
+NUM_DOMAINS = 3  # 0: as is, 1: rotated 90 degrees, 2: colour-shifted
+# domain 2 per channel: red inverted, green at half contrast, blue inverted at half contrast; values stay in [-1, 1]
+COLOUR_SHIFT = torch.tensor([-1.0, 0.5, -0.5]).view(3, 1, 1)
+
+
+def to_domain(image: torch.Tensor, domain: int) -> torch.Tensor:
+    """A (3, S, S) model input as it looks in `domain`; a pure function, so every copy is the same."""
+    if domain == 1:
+        return torch.rot90(image, 1, dims=(1, 2))
+    if domain == 2:
+        return image * COLOUR_SHIFT
+    return image
+
+
+class DomainRows:
+    """Item i is row i % N in domain i // N: the domains' copies are made per item, not stored (3x the memory)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __call__(self, index: int) -> torch.Tensor:
+        domain, row = divmod(index, len(self.rows))
+        return to_domain(self.rows[row], domain)
+
+
+def load_digits_domains(data_path: str, input_size: int, download: bool = True) -> Benchmark:
+    """Every class in every domain; train and test each hold the NUM_DOMAINS copies of their split in domain order."""
+    raw_images, targets, train_idx, test_idx = _fixed_split()
+    images = _to_model_input(raw_images, input_size)
+    train_targets, test_targets = np.tile(targets[train_idx], NUM_DOMAINS), np.tile(targets[test_idx], NUM_DOMAINS)
+    train = TransformedDataset(DomainRows(images[train_idx]), train_targets, None)
+    test = TransformedDataset(DomainRows(images[test_idx]), test_targets, None)
+    return Benchmark(name="Digits-Domains", num_classes=10, train=train, train_eval=train, test=test,
+                     train_targets=train_targets, test_targets=test_targets,
+                     train_domains=np.repeat(np.arange(NUM_DOMAINS, dtype=np.int64), len(train_idx)),
+                     test_domains=np.repeat(np.arange(NUM_DOMAINS, dtype=np.int64), len(test_idx)))
