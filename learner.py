@@ -25,7 +25,7 @@ from config.cli import field_index, method_groups, resolve
 from config.resolved import Config
 from config.settings import COMMON_GROUPS
 from datasets.scenario import Scenario, make_class_order
-from engine import mask_logits, create_optimizer, optimizer_step, wrap_for_training
+from engine import create_optimizer, mask_logits, optimizer_step, wrap_for_training
 from models import METHODS, create_method
 from models.base import ContinualMethod
 from utils import DistContext, UserError, init_distributed, maybe_autocast, resolve_device, seed_everything

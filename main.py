@@ -17,12 +17,14 @@ import torch
 import engine
 import few_shot
 import metrics
+import online
 import preemption
 from config.cli import parse_args
 from config.resolved import Config, config_json
 from config.settings import QueryModelSettings
 from datasets import build_scenario, load_benchmark
 from datasets.scenario import LoaderSettings, StreamShape
+from learner import Learner
 from models import METHODS, create_method
 from models.backbones import resolve_backbone, weights_file
 from run_files import check_output_dir, held_run, lock_output_dir, release_output_dirs, run_folder_for
@@ -182,6 +184,11 @@ def _run(cfg: Config) -> int:
     method = create_method(cfg, scenario).to_run_device(ctx.device, cfg.run.amp)
     _log_run(cfg, method, scenario, ctx)
     lock_output_dir(cfg.run.output_dir)  # a new folder: made only now, once every check passed, before any write
+    if cfg.stream.protocol == "online":
+        results = online.run_protocol(Learner(method, cfg, ctx), scenario, cfg, ctx,
+                                      engine.create_logger(cfg, Path(cfg.run.output_dir)))
+        log(f"final: online, {results['completed_tasks']} tasks | results in {cfg.run.output_dir}")
+        return 0
     if cfg.run.eval:
         results = engine.evaluate_checkpoints(method, scenario, cfg, ctx)
     else:

@@ -185,6 +185,7 @@ def common_test_summary(positions: Sequence[float], accuracies: Sequence[float],
     after = values[ends]
     return {"accuracy_final": float(values[-1]), "anytime_accuracy": values.tolist(),
             "anytime_task_index": [float(p) for p in positions], "anytime_accuracy_avg": float(values.mean()),
-            "accuracy_after_task": after.tolist(), "after_task_index": [float(p) for p, e in zip(positions, ends) if e],
+            "accuracy_after_task": after.tolist(),
+            "after_task_index": [float(p) for p, e in zip(positions, ends, strict=True) if e],
             "accuracy_avg": float(after.mean()),
             "forgetting": float(after[:-1].max() - after[-1]) if after.size > 1 else None}

@@ -64,7 +64,7 @@ PRESETS: list[Preset] = [
        protocol="online", steps_per_task=-1, reinit_optimizer=False, batch_size=16),
     _p("core50", dataset="CORe50", num_classes=50, num_tasks=8, scenario="domain", input_size=224),
     _p("digitsgaussian", dataset="Split-Digits", num_classes=10, num_tasks=10, scenario="gaussian", protocol="online",
-       steps_per_task=2, gaussian_width=2.0, reinit_optimizer=False, **DIGITS_RUN),
+       steps_per_task=-1, gaussian_width=1.0, reinit_optimizer=False, **DIGITS_RUN),
     _p("digitsdomain", dataset="Digits-Domains", num_classes=10, num_tasks=3, scenario="domain", **DIGITS_RUN),
     # --- methods ----------------------------------------------------------------------------------------------
     _p(ANY, "finetune", lr=0.001),
