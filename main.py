@@ -26,7 +26,7 @@ from datasets import build_scenario, load_benchmark
 from datasets.scenario import LoaderSettings, StreamShape
 from learner import Learner
 from models import METHODS, create_method
-from models.backbones import resolve_backbone, weights_file
+from models.backbones import check_input_size, resolve_backbone, weights_file
 from run_files import check_output_dir, held_run, lock_output_dir, release_output_dirs, run_folder_for
 from utils import (
     AbortedOnOtherRank,
@@ -46,25 +46,28 @@ from utils import (
 )
 
 
-def check_weight_files(cfg: Config) -> None:
-    """Every weight file the backbones will load exists (a self-supervised name needs its file in checkpoints/)."""
+def check_backbones(cfg: Config) -> None:
+    """Every backbone takes --input-size as whole patches, and every weight file the backbones will load exists (a
+    self-supervised name needs its file in checkpoints/)."""
     models = [(cfg.backbone.model, cfg.backbone.pretrained_checkpoint, "--model")]
     if cfg.has(QueryModelSettings):
         query = cfg.group(QueryModelSettings)
         models.append((query.original_model, query.original_model_checkpoint, "--original_model"))
     for name, checkpoint, flag in models:
+        backbone = resolve_backbone(name, flag)
+        check_input_size(backbone, cfg.backbone.input_size, flag)
         if cfg.backbone.pretrained or checkpoint:
-            weights_file(resolve_backbone(name, flag), checkpoint)
+            weights_file(backbone, checkpoint)
 
 
 def check_before_data(cfg: Config) -> None:
-    """Every check that needs no data: the class split, the weight files, the files the method reads (HiDe's stage-1
-    run) and the output folder. All run before the dataset is touched, so they fail in a second and together: more
-    than one problem is one line, "N problems: (1) ... (2) ..."."""
+    """Every check that needs no data: the class split, the backbones' patch grid and weight files, the files the
+    method reads (HiDe's stage-1 run) and the output folder. All run before the dataset is touched, so they fail in a
+    second and together: more than one problem is one line, "N problems: (1) ... (2) ..."."""
     data = cfg.data
     checks = (lambda: build_scenario(data.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset,
                                      shape=StreamShape.of(cfg.stream)),
-              lambda: check_weight_files(cfg),
+              lambda: check_backbones(cfg),
               lambda: METHODS[cfg.method].check_before_data(cfg),
               lambda: check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume,
                                        suggestion=run_folder_for(cfg.subcommand, cfg.run.seed)))
@@ -166,7 +169,7 @@ def _run(cfg: Config) -> int:
     for flag in cfg.context.no_effect_flags:
         warn(f"--{flag} has no effect in {cfg.subcommand}; it is accepted for compatibility with the reference")
     if few_shot.is_flow(cfg):  # not one continual run but a flow of them (few_shot.py)
-        check_weight_files(cfg)
+        check_backbones(cfg)
         return few_shot.run(cfg, ctx)
     data = cfg.data
     check_before_data(cfg)

@@ -41,7 +41,9 @@ CHECKPOINTS_DIR = Path("checkpoints")  # relative to the working directory, as i
 # Keys no feature extractor uses, whatever the file (our backbones have num_classes=0), and why they are dropped.
 _UNUSED_KEYS = ((re.compile(r"^head\."), "classifier or projection head"),
                 (re.compile(r"^pre_logits\."), "representation layer"),
-                (re.compile(r"^masked_embed$"), "masked-image-modelling token"))
+                (re.compile(r"^masked_embed$|^mask_token$"), "masked-image-modelling token"))
+# Keys a published file names otherwise than timm: Meta's DINOv2 files call timm's `reg_token` `register_tokens`.
+_TIMM_NAMES = {"register_tokens": "reg_token"}
 # The reference's MoCo v3 model: the final norm is an Identity and a fresh LayerNorm is applied after pooling.
 _FRESH_FC_NORM_KEYS = ("fc_norm.weight", "fc_norm.bias")
 
@@ -248,6 +250,18 @@ class Backbone:
         return f"{self.alias_used} = {self.name}" if self.alias_used else self.name
 
 
+def _dinov2(size: str, registers: bool) -> Backbone:
+    """DINOv2 ViT-S/14 or ViT-B/14, with or without its 4 register tokens: from timm's hub, or Meta's published
+    file (its `register_tokens` read as `reg_token`, its `mask_token` dropped, its [CLS] position folded)."""
+    letter, name = size[0], f"vit_{size}_patch14{'_reg4' if registers else ''}_dinov2.lvd142m"
+    meta = f"dinov2_vit{letter}14{'_reg4' if registers else ''}_pretrain.pth"
+    return Backbone(name, name.split(".")[0],
+                    f"DINOv2 ViT-{letter.upper()}/14{' with 4 register tokens' if registers else ''}, "
+                    f"self-supervised on LVD-142M",
+                    url=f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vit{letter}14/{meta}",
+                    files=(meta, f"{name}.safetensors"), hub=True, layouts=(FLAT,))
+
+
 _IBOT = "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot"
 BACKBONES: tuple[Backbone, ...] = (
     Backbone("vit_base_patch16_224.orig_in21k", "vit_base_patch16_224",
@@ -282,6 +296,7 @@ BACKBONES: tuple[Backbone, ...] = (
              url="https://dl.fbaipublicfiles.com/moco-v3/vit-b-300ep/vit-b-300ep.pth.tar",
              files=("mocov3-vit-base-300ep.pth", "vit-b-300ep.pth.tar"),
              aliases=("vit_base_patch16_224_mocov3",), layouts=(MODEL_ENTRY, MOCO_V3_TRAINING), fresh_fc_norm=True),
+    *(_dinov2(size, registers) for size in ("small", "base") for registers in (False, True)),
 )
 _BY_NAME: dict[str, Backbone] = {b.name: b for b in BACKBONES}
 ALIASES: dict[str, str] = {alias: b.name for b in BACKBONES for alias in b.aliases}
@@ -492,7 +507,7 @@ def load_weights_file(model: VisionTransformer, path: Path, backbone: Backbone) 
     """Load `path` into `model`, or raise a UserError naming every key that does not fit:
     missing from the file, unknown to the model, or of another shape."""
     tensors, layout, dropped = read_weights(path)
-    tensors = _strip_wrappers(tensors)
+    tensors = {_TIMM_NAMES.get(k, k): v for k, v in _strip_wrappers(tensors).items()}
     own = model.state_dict()
     for key in list(tensors):
         reason = next((why for pattern, why in _UNUSED_KEYS if pattern.search(key) and key not in own), None)
@@ -517,31 +532,61 @@ def load_weights_file(model: VisionTransformer, path: Path, backbone: Backbone) 
     return LoadReport(path, layout, len(tensors), dropped, fresh, resampled)
 
 
+def _create_vit(backbone: Backbone, name: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
+    """timm's model `name` (`backbone`'s architecture, or its hub name) with no classifier, or a UserError when it
+    is not a timm VisionTransformer."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **backbone.model_kwargs, **kwargs)
+    except TypeError as err:
+        raise UserError(f"{backbone.arch} is not a VisionTransformer this suite can drive ({err})") from err
+    if not isinstance(model, VisionTransformer):
+        raise UserError(f"{backbone.arch} is a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
+@functools.cache
+def _patch_size(backbone: Backbone) -> tuple[int, int] | None:
+    """(height, width) of `backbone`'s patches, read from the model built on the meta device (no weights, no
+    memory), or None when its patch embedding pads the image to whole patches itself."""
+    with torch.device("meta"):
+        embed = _create_vit(backbone, backbone.arch, False).patch_embed
+    return None if getattr(embed, "dynamic_img_pad", False) else tuple(getattr(embed, "patch_size", (1, 1)))
+
+
+def check_input_size(backbone: Backbone, input_size: int, flag: str = "--model") -> None:
+    """`input_size` is a whole number of `backbone`'s patches: timm's patch embedding would silently drop the pixels
+    past the last whole patch (a 14-pixel patch on a 32-pixel image ignores 4 rows and columns)."""
+    patch = _patch_size(backbone)
+    side = math.lcm(*patch) if patch else 1
+    if input_size % side == 0:
+        return
+    raise UserError(f"--input-size {input_size} is not a multiple of the patch size {side} of {flag} "
+                    f"{backbone.name}: the last {input_size % side} pixel rows and columns would be ignored; use "
+                    f"a multiple of {side} (e.g. {input_size - input_size % side + side})")
+
+
 def build_backbone(backbone: Backbone, pretrained: bool, input_size: int, drop: float = 0.0, drop_path: float = 0.0,
                    checkpoint: str | None = None) -> VisionTransformer:
     """A timm VisionTransformer with no classifier (`num_classes=0`) carrying `backbone`'s weights: from
     `checkpoint`, else from a file in checkpoints/, else from timm's hub; random with `pretrained` False and no
     `checkpoint`. Sets `model.weights_summary` (the line the run prints) and `model.fresh_keys` (parameters no
     checkpoint supplies, which `vit.freeze_pretrained` leaves trainable)."""
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
     path = weights_file(backbone, checkpoint) if pretrained or checkpoint else None  # raises if offline, not cached
     from_hub = pretrained and path is None
     offline = from_hub and hub_offline_reason() is not None
-    kwargs = dict(num_classes=0, img_size=input_size, drop_rate=drop, drop_path_rate=drop_path,
-                  **backbone.model_kwargs)
     try:
         with _hub_offline(offline):
-            model = timm.create_model(backbone.name if from_hub else backbone.arch, pretrained=from_hub, **kwargs)
-    except TypeError as err:
-        raise UserError(f"{backbone.arch} is not a VisionTransformer this suite can drive ({err})") from err
+            model = _create_vit(backbone, backbone.name if from_hub else backbone.arch, from_hub,
+                                img_size=input_size, drop_rate=drop, drop_path_rate=drop_path)
+    except UserError:
+        raise
     except Exception as err:  # the hub client raises its own, network and cache errors alike
         if not from_hub:
             raise
         raise _hub_unreachable(backbone, hub_offline_reason() or err) from err
-    if not isinstance(model, VisionTransformer):
-        raise UserError(f"{backbone.arch} is a {type(model).__name__}, not a timm VisionTransformer")
     if path is not None:
         report = load_weights_file(model, path, backbone)
         if checkpoint is None and backbone.layouts and report.layout not in backbone.layouts:
