@@ -91,12 +91,25 @@ def deterministic(loader: Iterable) -> bool:
     return isinstance(loader, DataLoader) and isinstance(loader.sampler, (SequentialSampler, ShardSampler))
 
 
+def unseen(learner: Learner, classes: Sequence[int] | None) -> bool:
+    """No class of a test set can be predicted yet: its accuracy is 0 without a pass (the predictions are among the
+    classes seen so far)."""
+    if classes is None or learner.cfg.data.eval_all_classes:
+        return False
+    return not bool(learner.seen[list(classes)].any())
+
+
 @torch.no_grad()
-def test_accuracies(learner: Learner, loaders: Sequence[Iterable]) -> list[float]:
-    """Accuracy (%) on each test loader, counts summed over the processes (each holds a disjoint shard)."""
+def test_accuracies(learner: Learner, loaders: Sequence[Iterable],
+                    test_classes: Sequence[Sequence[int]] | None = None) -> list[float]:
+    """Accuracy (%) on each test loader, counts summed over the processes (each holds a disjoint shard);
+    `test_classes[i]`, when known, lets a test set none of whose classes is seen yet count 0 without a pass."""
     device = learner.ctx.device
     counts = torch.zeros(len(loaders), 2, dtype=torch.float64, device=device)
     for i, loader in enumerate(loaders):
+        if unseen(learner, test_classes[i] if test_classes else None):
+            counts[i, 1] = 1.0  # 0 right of (a stand-in) 1: accuracy 0
+            continue
         cache = deterministic(loader)
         for b, (images, labels) in enumerate(loader):
             predicted = learner.predict(images, ("test", i, b) if cache else None)
@@ -186,13 +199,15 @@ class OnlineLoop:
     """The state of `run_online` between tasks (see there)."""
 
     def __init__(self, learner: Learner, test_loaders: Sequence[Iterable], plan: OnlinePlan,
-                 on_evaluation: Callable[[Evaluation], None] | None):
+                 on_evaluation: Callable[[Evaluation], None] | None,
+                 test_classes: Sequence[Sequence[int]] | None = None):
         self.learner, self.test_loaders, self.plan = learner, test_loaders, plan
+        self.test_classes = test_classes
         self.on_evaluation = on_evaluation
         self.results = OnlineResults()
 
     def evaluate(self, t: int, batches: int, num_batches: int) -> None:
-        accuracies = test_accuracies(self.learner, self.test_loaders)
+        accuracies = test_accuracies(self.learner, self.test_loaders, self.test_classes)
         evaluation = Evaluation(t, batches, t + batches / num_batches, accuracies, batches == num_batches)
         self.results.evaluations.append(evaluation)
         if self.on_evaluation is not None:
@@ -226,7 +241,8 @@ def run_online(learner: Learner, train_streams: Sequence[Iterable], test_loaders
                continual_evaluations: int = 1, eval_window: int = 1000, common_test_set: bool = False,
                plan: OnlinePlan | None = None, stats_loaders: Sequence[Iterable | None] | None = None,
                on_task_end: Callable[[int, OnlineResults], None] | None = None,
-               on_evaluation: Callable[[Evaluation], None] | None = None) -> OnlineResults:
+               on_evaluation: Callable[[Evaluation], None] | None = None,
+               test_classes: Sequence[Sequence[int]] | None = None) -> OnlineResults:
     """Train `learner` on each task's stream in one pass and evaluate it on every test loader.
 
     `train_streams[t]`: task t's batches, (images, labels) (or an OnlineStream's items); `test_loaders`: one per task
@@ -234,13 +250,15 @@ def run_online(learner: Learner, train_streams: Sequence[Iterable], test_loaders
     predicted before it is learned from (prequential accuracy over windows of `eval_window` images). Every test set
     is evaluated `continual_evaluations` times per task at evenly spaced points, the last after the task's end
     (`plan` may say otherwise). `stats_loaders[t]`: the task's images under the test transform, for methods that
-    keep class statistics. Returns the measurements with their metrics in `summary`."""
+    keep class statistics. `test_classes[i]`: the classes of test set i, when known (a set none of whose classes is
+    seen yet is not passed through the model: its accuracy is 0). Returns the measurements with their metrics in
+    `summary`."""
     num_tasks = len(train_streams)
     if not common_test_set and len(test_loaders) != num_tasks:
         raise UserError(f"{num_tasks} training streams but {len(test_loaders)} test loaders: give one per task, or "
                         f"common_test_set=True with one")
     plan = plan or OnlinePlan(continual_evaluations)
-    loop = OnlineLoop(learner, test_loaders, plan, on_evaluation)
+    loop = OnlineLoop(learner, test_loaders, plan, on_evaluation, test_classes)
     for t, stream in enumerate(train_streams):
         loop.run_task(t, stream, stats_loaders[t] if stats_loaders else None)
         loop.results.summary = summarize(loop.results, num_tasks, plan.continual_evaluations, common_test_set,
@@ -335,7 +353,8 @@ def run_protocol(learner: Learner, scenario: Scenario, cfg: Config, ctx: DistCon
         f"{'...' if len(streams) > 5 else ''} batches of {batch} images, each predicted before it is learned from")
     tests = [scenario.test_loader(i) for i in range(scenario.num_test_sets)]
     results = run_online(learner, streams, tests, stream_cfg.continual_evaluations, stream_cfg.eval_window,
-                         scenario.common_test_set, plan, None, record.on_task_end, record.on_evaluation)
+                         scenario.common_test_set, plan, None, record.on_task_end, record.on_evaluation,
+                         scenario.task_classes if scenario.kind == "class" else None)
     log(online_metrics.format_online_summary(results.summary, results.summary)
         if not scenario.common_test_set else format_common(results.summary))
     return record.as_dict(results)

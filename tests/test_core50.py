@@ -110,16 +110,16 @@ def test_missing_core50_session_is_one_line(tmp_path, core50_root):
 # ----------------------------------------------------------------------------------------------------------------
 # Digits-Domains
 # ----------------------------------------------------------------------------------------------------------------
-def test_digits_domains_repeat_the_split_digits_split_in_three_domains():
+def test_digits_domains_deal_the_split_digits_split_into_three_domains():
     plain = load_digits("unused", 16)
     bench = load_benchmark("Digits-Domains", "unused", 16)
     n_train, n_test = len(plain.train), len(plain.test)
     assert bench.name == "Digits-Domains" and bench.num_classes == 10 and NUM_DOMAINS == 3
-    assert len(bench.train) == 3 * n_train and len(bench.test) == 3 * n_test
-    assert np.array_equal(bench.train_domains, np.repeat([0, 1, 2], n_train))
-    assert np.array_equal(bench.test_domains, np.repeat([0, 1, 2], n_test))
-    assert np.array_equal(bench.train_targets, np.tile(plain.train_targets, 3))
-    assert np.array_equal(bench.test_targets, np.tile(plain.test_targets, 3))
+    assert len(bench.train) == n_train and len(bench.test) == n_test  # each image in one domain
+    assert np.array_equal(bench.train_domains, np.arange(n_train) % 3)
+    assert np.array_equal(bench.test_domains, np.arange(n_test) % 3)
+    assert np.array_equal(bench.train_targets, plain.train_targets)
+    assert np.array_equal(bench.test_targets, plain.test_targets)
     for domain in range(3):  # every class in every domain
         assert set(bench.train_targets[bench.train_domains == domain]) == set(range(10))
 
@@ -127,16 +127,16 @@ def test_digits_domains_repeat_the_split_digits_split_in_three_domains():
 def test_digits_domains_images_rotated_and_colour_shifted():
     plain = load_digits("unused", 16)
     bench = load_benchmark("Digits-Domains", "unused", 16)
-    n_test = len(plain.test)
-    for i in (0, 7, n_test - 1):
-        (original, label), (same, label0) = plain.test[i], bench.test[i]
-        (rotated, label1), (shifted, label2) = bench.test[n_test + i], bench.test[2 * n_test + i]
-        assert label == label0 == label1 == label2
-        assert torch.equal(same, original)
-        assert torch.equal(rotated, torch.rot90(original, 1, dims=(1, 2))) and not torch.equal(rotated, original)
-        assert torch.equal(shifted, original * COLOUR_SHIFT)
-        assert torch.equal(shifted[0], -original[0]) and torch.equal(shifted[1], original[1] / 2)
-        assert torch.equal(bench.test[2 * n_test + i][0], shifted)  # the same every time
-        assert shifted.shape == (3, 16, 16) and shifted.min() >= -1 and shifted.max() <= 1
-    n_train = len(plain.train)
-    assert torch.equal(bench.train[n_train + 3][0], torch.rot90(plain.train[3][0], 1, dims=(1, 2)))
+    for i in (0, 7, 8, len(plain.test) - 1):  # image i is in domain i % 3
+        (original, label), (seen, label_domain) = plain.test[i], bench.test[i]
+        assert label == label_domain and seen.shape == (3, 16, 16)
+        if i % 3 == 0:
+            assert torch.equal(seen, original)
+        elif i % 3 == 1:
+            assert torch.equal(seen, torch.rot90(original, 1, dims=(1, 2))) and not torch.equal(seen, original)
+        else:
+            assert torch.equal(seen, original * COLOUR_SHIFT)
+            assert torch.equal(seen[0], -original[0]) and torch.equal(seen[1], original[1] / 2)
+            assert torch.equal(bench.test[i][0], seen)  # the same every time
+            assert seen.min() >= -1 and seen.max() <= 1
+    assert torch.equal(bench.train[4][0], torch.rot90(plain.train[4][0], 1, dims=(1, 2)))
