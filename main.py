@@ -22,7 +22,7 @@ import preemption
 from config.cli import parse_args
 from config.resolved import Config, config_json
 from config.settings import QueryModelSettings
-from datasets import build_scenario, load_benchmark
+from datasets import build_scenario, check_domains, load_benchmark
 from datasets.scenario import LoaderSettings, StreamShape
 from learner import Learner
 from models import METHODS, create_method
@@ -67,6 +67,7 @@ def check_before_data(cfg: Config) -> None:
     data = cfg.data
     checks = (lambda: build_scenario(data.num_classes, data.num_tasks, data.shuffle, cfg.run.seed, data.dataset,
                                      shape=StreamShape.of(cfg.stream)),
+              lambda: check_domains(data.dataset, data.num_tasks) if cfg.stream.scenario == "domain" else None,
               lambda: check_backbones(cfg),
               lambda: METHODS[cfg.method].check_before_data(cfg),
               lambda: check_output_dir(cfg.run.output_dir, data.num_tasks, cfg.run.eval, cfg.run.resume,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
+import metrics
 import online_metrics
 from config.resolved import Config, config_to_dict
 from datasets.scenario import Scenario, ShardSampler
@@ -320,12 +321,42 @@ class ProtocolRecord:
                            "protocol": "online"}, checkpoint_path(self.output_dir, t))
         atomic_write_json(self.as_dict(results), self.output_dir / "results.json")
 
+    def task_matrix(self, results: OnlineResults) -> np.ndarray:
+        """The offline runs' accuracy matrix from the end-of-task evaluations: [test set, after task], NaN where a
+        test set was not evaluated then (a task not seen yet; an episode without evaluation)."""
+        scenario = self.scenario
+        acc = np.full((scenario.num_test_sets, scenario.num_tasks), np.nan)
+        for e in results.evaluations:
+            if e.task_end:
+                sets = scenario.evaluated_sets(e.task)
+                acc[sets, e.task] = np.asarray(e.accuracies)[sets]
+        return acc
+
+    def final(self, results: OnlineResults, acc: np.ndarray) -> dict[str, Any]:
+        """The offline runs' summary keys (what the report's columns read) and every online metric."""
+        summary, last = results.summary, self.scenario.num_tasks - 1
+        if self.scenario.common_test_set:
+            offline = {"avg_acc": summary["accuracy_final"], "avg_incremental_acc": summary["accuracy_avg"],
+                       "forgetting": summary["forgetting"], "forgetting_standard": summary["forgetting"], "bwt": None}
+        else:
+            offline = metrics.summarize(acc, last)
+        scalars = {k: v for k, v in summary.items() if not isinstance(v, list | dict)}
+        return {"task": last + 1, **offline, "avg_tii_acc": None, **scalars}
+
     def as_dict(self, results: OnlineResults) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, done = self.cfg, len(results.correct)
+        acc = self.task_matrix(results)
+        first = self.scenario.first_evaluation
+        matrix = [[None if np.isnan(acc[i, c]) or c < first(i) else float(acc[i, c]) for c in range(acc.shape[1])]
+                  for i in range(acc.shape[0])]
+        tasks = [{"task": t + 1, "avg_acc": float(np.nanmean(acc[:, t])) if not np.isnan(acc[:, t]).all() else None,
+                  "avg_tii_acc": None, "train_loss": results.losses[t]} for t in range(done)]
         return {"subcommand": cfg.subcommand, "method": cfg.method, "dataset": cfg.data.dataset,
                 "model": cfg.backbone.model, "protocol": "online", "scenario": self.scenario.kind,
-                "num_tasks": self.scenario.num_tasks, "completed_tasks": len(results.correct),
+                "num_tasks": self.scenario.num_tasks, "completed_tasks": done,
                 "class_order": self.scenario.class_order, "task_classes": self.scenario.task_classes,
+                "acc_matrix": matrix, "tasks": tasks,
+                "final": self.final(results, acc) if done == self.scenario.num_tasks else None,
                 "online": results.summary, "train_losses": results.losses,
                 "evaluations": [vars(e) for e in results.evaluations],
                 "wall_seconds": time.perf_counter() - self.started,

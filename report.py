@@ -39,6 +39,14 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("BWT", "bwt", "backward transfer: mean over earlier tasks of final minus just-learnt accuracy"),
     ("TII", "avg_tii_acc", "final task-identity accuracy: share of test images whose inferred task is right"),
 )
+# the online protocol's own, shown when a run has them
+ONLINE_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("ACC_any", "anytime_accuracy_seen_avg", "anytime accuracy: mean over every evaluation during training of the "
+     "accuracy on the tasks seen so far (online)"),
+    ("FWT", "forward_transfer", "forward transfer: mean accuracy on tasks before they are trained (online)"),
+    ("TTT", "prequential_accuracy", "test-then-train accuracy: each training batch predicted before it is learnt "
+     "from (online)"),
+)
 # Not part of what defines an experiment: the seed (what a group spans), settings that change no result, the class
 # order (it follows from the seed) and the folders of upstream runs (one per seed)
 NOT_GROUPED = RESULT_NEUTRAL | {"seed", "class_order", "trained_original_model", "vanilla_model_output_dir",
@@ -86,8 +94,13 @@ class Run:
                 method += f" ({extra})"
         if settings.get("reference_mode"):
             method += " [reference mode]"
+        if settings.get("protocol") == "online":
+            method += " online"
+        dataset = self.results.get("dataset") or settings.get("dataset", "?")
+        if settings.get("scenario") not in (None, "class"):
+            dataset += f" ({settings['scenario']})"
         backbone = settings.get("backbone") or self.results.get("model") or settings.get("model", "?")
-        return method, self.results.get("dataset") or settings.get("dataset", "?"), backbone
+        return method, dataset, backbone
 
 
 @dataclass
@@ -221,10 +234,11 @@ def phase_title(phase: str) -> str:
 def metric_columns(groups: Sequence[Group]) -> list[Column]:
     """The metrics, then the final average accuracy of every earlier phase any run reports (HiDe's stages)."""
     columns = [Column(name, _final(key)) for name, key, _ in METRICS]
+    finals = [run.results["final"] for group in groups for run in group.runs]
+    columns += [Column(name, _final(key)) for name, key, _ in ONLINE_METRICS if any(key in f for f in finals)]
     phases: dict[str, None] = {}
-    for group in groups:
-        for run in group.runs:
-            phases.update(dict.fromkeys(run.results["final"].get("phases") or {}))
+    for final in finals:
+        phases.update(dict.fromkeys(final.get("phases") or {}))
     return columns + [Column(f"FAA {phase_title(p)}", _phase_final(p)) for p in phases]
 
 
@@ -396,8 +410,9 @@ def ledger_text(groups: Sequence[Group]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="report.py", description=__doc__.split("\n\n")[1].replace("\n", " "),
-        epilog="metrics: " + "; ".join(f"{n}: {d}" for n, _, d in METRICS) + ". FAA <phase> columns: the final "
-               "average accuracy of an earlier phase (HiDe's stage 1 `tii`) or before task-adaptive prediction.")
+        epilog="metrics: " + "; ".join(f"{n}: {d}" for n, _, d in (*METRICS, *ONLINE_METRICS))
+               + ". FAA <phase> columns: the final average accuracy of an earlier phase (HiDe's stage 1 `tii`) or "
+               "before task-adaptive prediction.")
     parser.add_argument("paths", nargs="*", metavar="RUN_DIR_OR_GLOB",
                         help="run folders (each holding results.json), folders searched recursively, or globs")
     parser.add_argument("--format", choices=FORMATS, default="table", help="terminal table (default), markdown, "

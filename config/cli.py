@@ -368,6 +368,9 @@ def _check_stream(draft: Draft, cls: type[ContinualMethod]) -> None:
         if draft.steps_per_task == 0 or draft.steps_per_task < -1:
             raise UserError(f"--steps_per_task {draft.steps_per_task}: give a number of batches per episode, or -1 "
                             "for every training image of its label set")
+    if protocol == "online" and (draft.resume or draft.eval):
+        raise UserError(f"--{'resume' if draft.resume else 'eval'}: an online run is one pass, its test-then-train "
+                        "record made as it goes; start it afresh (its results.json is written after every task)")
     if protocol == "online" and draft.sched != "constant":
         raise UserError(f"--sched {draft.sched} steps once per epoch; the online protocol makes one pass: use --sched "
                         "constant")

@@ -207,16 +207,13 @@ class StreamShape:
         return cls(stream.scenario, stream.steps_per_task, stream.gaussian_width)
 
 
-def _domain_count(benchmark: Benchmark | None, num_tasks: int, dataset: str) -> bool:
-    """Checks the benchmark has one domain per task; returns whether its test set is common to every domain."""
-    if benchmark is None:  # checked again once the data is loaded
+def _common_test_set(benchmark: Benchmark | None, num_tasks: int) -> bool:
+    """Whether a domain-incremental benchmark's test set is common to every domain (no domains of its own); its
+    domains were checked against --num_tasks before the data was read (datasets.check_domains)."""
+    if benchmark is None:
         return False
-    if benchmark.train_domains is None:
-        raise UserError(f"{dataset} has no domains, so it cannot run the domain-incremental scenario; domain-"
-                        f"incremental runs: core50_<method>, digitsdomain_<method>")
-    domains = int(benchmark.train_domains.max()) + 1
-    if domains != num_tasks:
-        raise UserError(f"--num_tasks {num_tasks}: {dataset} has {domains} domains, one task each; drop --num_tasks")
+    if benchmark.train_domains is None or int(benchmark.train_domains.max()) + 1 != num_tasks:
+        raise UserError(f"{benchmark.name} does not hold {num_tasks} domains, one per task")
     return benchmark.test_domains is None
 
 
@@ -233,7 +230,7 @@ def build_scenario(num_classes: int, num_tasks: int, shuffle: bool, seed: int, d
         label_sets = gaussian_schedule(num_classes, num_tasks, shape.steps_per_task, shape.gaussian_width, seed)
         tasks, common = [sorted(order[j] for j in labels) for labels in label_sets], True
     elif shape.kind == "domain":
-        tasks, common = [list(order) for _ in range(num_tasks)], _domain_count(benchmark, num_tasks, dataset)
+        tasks, common = [list(order) for _ in range(num_tasks)], _common_test_set(benchmark, num_tasks)
     else:
         tasks = split_into_tasks(order, num_tasks, dataset)
     return Scenario(class_order=order, task_classes=tasks, num_classes=num_classes, benchmark=benchmark,

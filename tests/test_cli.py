@@ -280,9 +280,9 @@ def test_top_level_help_lists_the_subcommands_by_dataset(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     lines = _help(capsys, "--help")
     methods = "finetune fix linear ncm joint l2p dualprompt sprompt hideprompt continual_lora hidelora"
-    assert f"  {'cifar100:':<15}{' '.join(f'cifar100_{m}' for m in methods.split())}" in lines
-    assert f"  {'imr:':<15}{' '.join(f'imr_{m}' for m in methods.split())} imr_few_shot_lora" in lines
-    assert f"  {'cub_cars:':<15}cub_cars_few_shot_lora" in lines
+    assert f"  {'cifar100:':<18}{' '.join(f'cifar100_{m}' for m in methods.split())}" in lines
+    assert f"  {'imr:':<18}{' '.join(f'imr_{m}' for m in methods.split())} imr_few_shot_lora" in lines
+    assert f"  {'cub_cars:':<18}cub_cars_few_shot_lora" in lines
     monkeypatch.setenv("COLUMNS", "81")
     lines = _help(capsys, "--help")
     assert max(map(len, lines)) <= 80
