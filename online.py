@@ -383,11 +383,17 @@ def run_protocol(learner: Learner, scenario: Scenario, cfg: Config, ctx: DistCon
     log(f"online protocol: {scenario.num_tasks} tasks of {', '.join(str(len(s)) for s in streams[:5])}"
         f"{'...' if len(streams) > 5 else ''} batches of {batch} images, each predicted before it is learned from")
     tests = [scenario.test_loader(i) for i in range(scenario.num_test_sets)]
-    results = run_online(learner, streams, tests, stream_cfg.continual_evaluations, stream_cfg.eval_window,
-                         scenario.common_test_set, plan, None, record.on_task_end, record.on_evaluation,
-                         scenario.task_classes if scenario.kind == "class" else None)
-    log(online_metrics.format_online_summary(results.summary, results.summary)
-        if not scenario.common_test_set else format_common(results.summary))
+    try:
+        results = run_online(learner, streams, tests, stream_cfg.continual_evaluations, stream_cfg.eval_window,
+                             scenario.common_test_set, plan, None, record.on_task_end, record.on_evaluation,
+                             scenario.task_classes if scenario.kind == "class" else None)
+        summary = results.summary
+        for accuracy, where in zip(summary["windowed_accuracy"], summary["window_task_index"], strict=True):
+            logger.log_scalars({"online/windowed_test_then_train_accuracy": accuracy}, round(where * 1000))
+    finally:
+        logger.close()
+    log(online_metrics.format_online_summary(summary, summary) if not scenario.common_test_set
+        else format_common(summary))
     return record.as_dict(results)
 
 
