@@ -13,6 +13,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -150,3 +151,34 @@ def no_hub_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     hub_offline_reason.cache_clear()
     yield tried
     hub_offline_reason.cache_clear()  # no later test inherits this one's verdict
+
+
+def raises_one_line(call, *needles: str) -> str:
+    """`call()` raises a UserError of one line holding every needle; returns its message."""
+    from utils import UserError
+    with pytest.raises(UserError) as err:
+        call()
+    message = str(err.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+# images per object folder in each session of the fake tree; sessions 2 and 7 hold two per object, the others one
+IMAGES_PER_OBJECT = {session: 2 if session in (2, 7) else 1 for session in range(1, 12)}
+TRAIN_ORDER = (1, 2, 4, 5, 6, 8, 9, 11)
+
+
+def write_fake_core50(root: Path) -> Path:
+    """`<root>/core50_128x128/sS/oN/C_S_N_K.png`, 8x8 RGB; each image's red value encodes its session and object."""
+    folder = root / "core50_128x128"
+    for session, count in IMAGES_PER_OBJECT.items():
+        for obj in range(1, 51):
+            (folder / f"s{session}" / f"o{obj}").mkdir(parents=True)
+            for k in range(count):
+                pixels = np.full((8, 8, 3), (session * 20, obj * 5, k * 100), dtype=np.uint8)
+                # names in reverse order of k, so a listing that is not sorted would show
+                name = f"C_{session:02d}_{obj:02d}_{9 - k}.png"
+                Image.fromarray(pixels).save(folder / f"s{session}" / f"o{obj}" / name)
+    return root

@@ -7,45 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from conftest import IMAGES_PER_OBJECT, TRAIN_ORDER, raises_one_line, write_fake_core50
 from datasets import BENCHMARKS, load_benchmark
 from datasets.core50 import CORE50_URL, load_core50
 from datasets.digits import COLOUR_SHIFT, NUM_DOMAINS, load_digits
-from utils import UserError
-
-# images per object folder in each session of the fake tree; sessions 2 and 7 hold two per object, the others one
-IMAGES_PER_OBJECT = {session: 2 if session in (2, 7) else 1 for session in range(1, 12)}
-TRAIN_ORDER = (1, 2, 4, 5, 6, 8, 9, 11)
-
-
-def write_fake_core50(root: Path) -> Path:
-    """`<root>/core50_128x128/sS/oN/C_S_N_K.png`, 8x8 RGB; each image's red value encodes its session and object."""
-    folder = root / "core50_128x128"
-    for session, count in IMAGES_PER_OBJECT.items():
-        for obj in range(1, 51):
-            (folder / f"s{session}" / f"o{obj}").mkdir(parents=True)
-            for k in range(count):
-                pixels = np.full((8, 8, 3), (session * 20, obj * 5, k * 100), dtype=np.uint8)
-                # names in reverse order of k, so a listing that is not sorted would show
-                name = f"C_{session:02d}_{obj:02d}_{9 - k}.png"
-                Image.fromarray(pixels).save(folder / f"s{session}" / f"o{obj}" / name)
-    return root
 
 
 @pytest.fixture(scope="module")
 def core50_root(tmp_path_factory) -> Path:
     return write_fake_core50(tmp_path_factory.mktemp("core50"))
-
-
-def _one_line_error(call, *needles: str) -> str:
-    with pytest.raises(UserError) as err:
-        call()
-    message = str(err.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 def test_core50_counts_labels_and_domains(core50_root):
@@ -95,7 +66,7 @@ def test_core50_accepts_the_folder_itself(core50_root):
 
 
 def test_missing_core50_is_one_line_with_the_layout_and_the_url(tmp_path):
-    _one_line_error(lambda: load_core50(str(tmp_path / "nowhere"), 16), "core50_128x128", "s1..s11/o1..o50",
+    raises_one_line(lambda: load_core50(str(tmp_path / "nowhere"), 16), "core50_128x128", "s1..s11/o1..o50",
                     CORE50_URL, "--data-path")
 
 
@@ -103,7 +74,7 @@ def test_missing_core50_session_is_one_line(tmp_path, core50_root):
     copy = tmp_path / "copy"
     shutil.copytree(core50_root, copy)
     shutil.rmtree(copy / "core50_128x128" / "s7")
-    message = _one_line_error(lambda: load_core50(str(copy), 16), "core50_128x128", "s1..s11/o1..o50", CORE50_URL)
+    message = raises_one_line(lambda: load_core50(str(copy), 16), "core50_128x128", "s1..s11/o1..o50", CORE50_URL)
     assert "s7/o1" in message and "50 session/object folders" in message
 
 

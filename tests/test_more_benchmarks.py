@@ -11,18 +11,17 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from scipy.io import savemat
 
+from conftest import raises_one_line
 from datasets import build_scenario
 from datasets.cub import load_cub200
 from datasets.five_datasets import load_five_datasets
 from datasets.imagenet_r import SPLIT_FILE, load_imagenet_r
 from datasets.scenario import LoaderSettings
 from datasets.stanford_cars import CARS_URL, load_cars196
-from utils import UserError
 
 
 def _image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (12, 10), mode: str = "RGB") -> None:
@@ -33,16 +32,6 @@ def _image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (12, 10
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _one_line_error(call, *needles: str) -> str:
-    with pytest.raises(UserError) as err:
-        call()
-    message = str(err.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
-    return message
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +84,7 @@ def test_imagenet_r_stale_split_file_is_an_error(tmp_path):
     root = write_fake_imagenet_r(tmp_path)
     load_imagenet_r(str(root), input_size=32, download=False)
     _image(root / "imagenet-r" / "n01443537" / "new.jpg", np.random.default_rng(1))
-    _one_line_error(lambda: load_imagenet_r(str(root), 32, download=False), SPLIT_FILE, "delete")
+    raises_one_line(lambda: load_imagenet_r(str(root), 32, download=False), SPLIT_FILE, "delete")
 
 
 def _archived(source: Path, folder: str, archive: Path, *extra: str) -> Path:
@@ -131,7 +120,7 @@ def test_imagenet_r_truncated_tar_and_missing_data_are_one_line_errors(tmp_path)
         tar.add(source / "imagenet-r", arcname="imagenet-r")
     data = archive.read_bytes()
     archive.write_bytes(data[: len(data) // 2 + 100])
-    _one_line_error(lambda: load_imagenet_r(str(root), 32, download=False), str(archive), "imagenet-r.tar")
+    raises_one_line(lambda: load_imagenet_r(str(root), 32, download=False), str(archive), "imagenet-r.tar")
     assert not (root / "imagenet-r").exists()  # no half-extracted folder left to be mistaken for the data
     assert sorted(p.name for p in root.iterdir()) == ["imagenet-r.tar"]
 
@@ -140,11 +129,11 @@ def test_imagenet_r_truncated_tar_and_missing_data_are_one_line_errors(tmp_path)
     with tarfile.open(archive) as tar:
         last_member = tar.getmembers()[-1].offset
     archive.write_bytes(data[:last_member])
-    _one_line_error(lambda: load_imagenet_r(str(root), 32, download=False), "end-of-archive marker")
+    raises_one_line(lambda: load_imagenet_r(str(root), 32, download=False), "end-of-archive marker")
     assert sorted(p.name for p in root.iterdir()) == ["imagenet-r.tar"]
 
     empty = tmp_path / "empty"
-    _one_line_error(lambda: load_imagenet_r(str(empty), 32, download=False),
+    raises_one_line(lambda: load_imagenet_r(str(empty), 32, download=False),
                     str(empty / "imagenet-r"), "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar")
 
 
@@ -157,7 +146,7 @@ def test_imagenet_r_failed_download_gives_one_line(tmp_path, monkeypatch):
         raise URLError("no network")
 
     monkeypatch.setattr(tv_utils, "download_url", no_network)
-    _one_line_error(lambda: load_imagenet_r(str(tmp_path), 32, download=True), "failed (URLError)", str(tmp_path))
+    raises_one_line(lambda: load_imagenet_r(str(tmp_path), 32, download=True), "failed (URLError)", str(tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,25 +201,25 @@ def test_cub_from_the_tgz_archive(tmp_path):
     truncated.mkdir()
     data = (root / "CUB_200_2011.tgz").read_bytes()
     (truncated / "CUB_200_2011.tgz").write_bytes(data[: len(data) // 2])
-    _one_line_error(lambda: load_cub200(str(truncated), 32, download=False), "CUB_200_2011.tgz", "data.caltech.edu")
+    raises_one_line(lambda: load_cub200(str(truncated), 32, download=False), "CUB_200_2011.tgz", "data.caltech.edu")
     assert sorted(p.name for p in truncated.iterdir()) == ["CUB_200_2011.tgz"]
 
 
 def test_cub_missing_or_mismatched_files_name_the_file(tmp_path):
-    _one_line_error(lambda: load_cub200(str(tmp_path / "nothing"), 32, download=False),
+    raises_one_line(lambda: load_cub200(str(tmp_path / "nothing"), 32, download=False),
                     str(tmp_path / "nothing" / "CUB_200_2011"), "https://data.caltech.edu/records/65de6-vjz86")
     root = write_fake_cub(tmp_path / "a")
     (root / "CUB_200_2011" / "train_test_split.txt").unlink()
-    _one_line_error(lambda: load_cub200(str(root), 32, download=False), "train_test_split.txt")
+    raises_one_line(lambda: load_cub200(str(root), 32, download=False), "train_test_split.txt")
 
     root = write_fake_cub(tmp_path / "b")
     labels = root / "CUB_200_2011" / "image_class_labels.txt"
     labels.write_text("\n".join(labels.read_text().splitlines()[:-1]) + "\n")
-    _one_line_error(lambda: load_cub200(str(root), 32, download=False), str(labels))
+    raises_one_line(lambda: load_cub200(str(root), 32, download=False), str(labels))
 
     root = write_fake_cub(tmp_path / "c")
     next((root / "CUB_200_2011" / "images" / CUB_CLASSES[2]).iterdir()).unlink()
-    _one_line_error(lambda: load_cub200(str(root), 32, download=False), "is missing", CUB_CLASSES[2])
+    raises_one_line(lambda: load_cub200(str(root), 32, download=False), "is missing", CUB_CLASSES[2])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,10 +322,10 @@ def test_five_datasets_missing_member_names_its_path_and_source(tmp_path):
     for path in (root / "notMNIST" / "Test").rglob("*.png"):
         path.unlink()
     os.rename(root / "notMNIST", root / "elsewhere")
-    _one_line_error(lambda: load_five_datasets(str(root), 32, download=False),
+    raises_one_line(lambda: load_five_datasets(str(root), 32, download=False),
                     "notMNIST", str(root / "notMNIST"), "Adversarial-Continual-Learning/raw/main/data/notMNIST.zip")
     (root / "test_32x32.mat").unlink()
-    _one_line_error(lambda: load_five_datasets(str(root), 32, download=False),
+    raises_one_line(lambda: load_five_datasets(str(root), 32, download=False),
                     "member SVHN", str(root / "test_32x32.mat"), "http://ufldl.stanford.edu/housenumbers/",
                     "also missing: notMNIST")
 
@@ -358,7 +347,7 @@ def test_five_datasets_notmnist_zip_is_extracted_and_bad_files_are_one_line(tmp_
     mnist_labels = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
     with gzip.open(mnist_labels, "wb") as handle:
         handle.write(b"\x00\x00\x08\x03garbage")
-    _one_line_error(lambda: load_five_datasets(str(root), 32, download=False), str(mnist_labels), "magic")
+    raises_one_line(lambda: load_five_datasets(str(root), 32, download=False), str(mnist_labels), "magic")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -423,14 +412,14 @@ def test_cars_missing_data_explains_that_it_cannot_be_downloaded(tmp_path, monke
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     nothing = tmp_path / "nothing"
     folder = nothing / "stanford_cars"
-    _one_line_error(lambda: load_cars196(str(nothing), 32, download=True),
+    raises_one_line(lambda: load_cars196(str(nothing), 32, download=True),
                     f"{folder} is missing", str(folder / "devkit" / "cars_meta.mat"), str(folder / "cars_test"),
                     CARS_URL, "no longer serves", "by hand")
     assert not nothing.exists()
 
     root = write_fake_cars(tmp_path / "a")
     (root / "stanford_cars" / "cars_test_annos_withlabels.mat").unlink()
-    _one_line_error(lambda: load_cars196(str(root), 32, download=True),
+    raises_one_line(lambda: load_cars196(str(root), 32, download=True),
                     f"{root / 'stanford_cars' / 'cars_test_annos_withlabels.mat'} is missing", CARS_URL)
 
 
@@ -438,21 +427,21 @@ def test_cars_missing_image_and_bad_mat_files_name_the_file(tmp_path):
     root = write_fake_cars(tmp_path / "a")
     (root / "stanford_cars" / "cars_train" / "00002.jpg").unlink()
     (root / "stanford_cars" / "cars_train" / "00004.jpg").unlink()
-    _one_line_error(lambda: load_cars196(str(root), 32, download=False),
+    raises_one_line(lambda: load_cars196(str(root), 32, download=False),
                     str(root / "stanford_cars" / "cars_train" / "00002.jpg"), "is missing (2 of 5")
 
     root = write_fake_cars(tmp_path / "b")
     meta = root / "stanford_cars" / "devkit" / "cars_meta.mat"
     meta.write_bytes(b"not a mat file")
-    _one_line_error(lambda: load_cars196(str(root), 32, download=False), str(meta), "unreadable")
+    raises_one_line(lambda: load_cars196(str(root), 32, download=False), str(meta), "unreadable")
 
     root = write_fake_cars(tmp_path / "c")
     annos_file = root / "stanford_cars" / "devkit" / "cars_train_annos.mat"
     annos_file.write_bytes(annos_file.read_bytes()[:200])
-    _one_line_error(lambda: load_cars196(str(root), 32, download=False), str(annos_file), "unreadable")
+    raises_one_line(lambda: load_cars196(str(root), 32, download=False), str(annos_file), "unreadable")
 
     # a class beyond cars_meta.mat's list (e.g. a meta file from another copy)
     root = write_fake_cars(tmp_path / "d")
     meta = root / "stanford_cars" / "devkit" / "cars_meta.mat"
     savemat(meta, {"class_names": np.array(CARS_CLASSES[:2], dtype=object)})
-    _one_line_error(lambda: load_cars196(str(root), 32, download=False), "cars_train_annos.mat", "1..2")
+    raises_one_line(lambda: load_cars196(str(root), 32, download=False), "cars_train_annos.mat", "1..2")
