@@ -3,13 +3,13 @@
     python benchmarks/gpu_check.py [--device cuda|cpu] [--quick] [--run_timeout S] [OUTPUT_DIR]
     (bash benchmarks/gpu_check.sh ... runs it)
 
-Each run is its own process with its own folder under OUTPUT_DIR (default ./output/gpu_check_<date-time>):
-every continual method with bf16 autocast, one method with fp16 (CUDA only), HiDe-Prompt with covariance
-statistics, the few-shot LoRA flow, HiDe-Prompt's two launches under `torchrun --nproc_per_node=1` (so every
-collective goes through NCCL on CUDA, gloo on CPU), and one short HiDe-Prompt run twice with --deterministic,
-whose accuracy matrices, final metrics and trained tensors must be identical. The table gives each run's status,
-exit code, wall time, final average accuracy and peak memory (GPU: torch.cuda.max_memory_allocated of the run's
-process; CPU: its peak resident set); it is printed and written to OUTPUT_DIR/gpu_check.md and gpu_check.json.
+Each run is its own process with its own folder under OUTPUT_DIR (default ./output/gpu_check_<date-time>): every
+continual method with bf16 autocast (fp32 on a CPU without native bf16), one method with fp16 (CUDA only), HiDe-Prompt
+with covariance statistics, the few-shot LoRA flow, HiDe-Prompt's two launches under `torchrun --nproc_per_node=1` (so
+every collective goes through NCCL on CUDA, gloo on CPU), and one short HiDe-Prompt run twice with --deterministic,
+whose accuracy matrices, final metrics and trained tensors must be identical. The table gives each run's status, exit
+code, wall time, final average accuracy and peak memory (GPU: torch.cuda.max_memory_allocated of the run's process;
+CPU: its peak resident set); it is printed and written to OUTPUT_DIR/gpu_check.md and gpu_check.json.
 The exit code is 1 when a run failed, the deterministic pair differs or the throughput section failed. `--quick`
 keeps two of the per-method runs and shortens every run to one epoch (what the test suite runs on CPU).
 
@@ -135,11 +135,17 @@ def dataset_subcommands() -> list[str]:
     return [s for s in own if not _is_flow(s)] + [s for s in own if _is_flow(s)]
 
 
-def base_args(subcommand: str, device: str, short: bool, amp: str = "bf16", one_stage: bool = False
+def run_precision(device: str) -> str:
+    """bf16 on a GPU (what the check is for) and on a CPU that has it natively; elsewhere fp32, since emulated bf16
+    only slows the runs down many times (the check then keeps the script working, as on CPU it is for)."""
+    return "bf16" if device == "cuda" or cpu_has_native_bf16() else "none"
+
+
+def base_args(subcommand: str, device: str, short: bool, amp: str | None = None, one_stage: bool = False
               ) -> tuple[str, ...]:
     """main.py's arguments; `short`: one epoch of everything; `one_stage`: a HiDe launch of one stage, which takes
-    its stage-1 epochs as --epochs."""
-    flags = [subcommand, "--device", device, "--amp", amp]
+    its stage-1 epochs as --epochs; `amp` defaults to `run_precision`."""
+    flags = [subcommand, "--device", device, "--amp", amp or run_precision(device)]
     if short:
         groups = _method_groups(subcommand) - ({TaskIdentitySettings} if one_stage else set())
         flags += [part for group, name, value in SHORT if group in groups for part in (f"--{name}", value)]
@@ -149,7 +155,8 @@ def base_args(subcommand: str, device: str, short: bool, amp: str = "bf16", one_
 def method_runs(device: str, quick: bool) -> list[Run]:
     continual = [s for s in dataset_subcommands() if not _is_flow(s)]
     chosen = [s for s in continual if s in QUICK_METHODS] if quick else continual
-    return [Run(s, f"{s.removeprefix(DATASET + '_')}, bf16", base_args(s, device, quick)) for s in chosen]
+    precision = run_precision(device)
+    return [Run(s, f"{s.removeprefix(DATASET + '_')}, {precision}", base_args(s, device, quick)) for s in chosen]
 
 
 def fp16_run(device: str, quick: bool) -> Run:
